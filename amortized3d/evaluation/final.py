@@ -1,0 +1,72 @@
+"""End-of-run evaluation: turntable videos and oracle metrics, gathered into metrics.json."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from amortized3d.cameras import CameraBatch, orbit_cameras
+from amortized3d.evaluation.oracle import oracle_views, summarize
+from amortized3d.export import write_video
+from amortized3d.scenes.references import render_objects
+
+log = logging.getLogger(__name__)
+
+
+def slugify(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:80] or "prompt"
+
+
+@torch.no_grad()
+def render_turntable(system, prompt: str, cameras: CameraBatch) -> Tensor:
+    """[V,3,H,W] renders of one prompt (the renderer chunks rays)."""
+    system.eval()
+    return system.render([prompt], cameras).rgb.cpu()
+
+
+def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
+    cameras = orbit_cameras(cfg.num_views, cfg.resolution, cfg.elevation_deg, cfg.distance, cfg.fovy_deg)
+    splits: Sequence[str] = list(cfg.splits or [])
+    prompts_by_split = {s: list(corpus.unique(s)) for s in splits}
+    renderable = {s: [p for p in ps if system.generator.supports_unseen_prompts or p in system.train_prompts]
+                  for s, ps in prompts_by_split.items()}
+    renders: dict[str, Tensor] = {}
+    for prompt in dict.fromkeys(p for ps in renderable.values() for p in ps):
+        renders[prompt] = render_turntable(system, prompt, cameras)
+    metrics: dict[str, Any] = {"evaluation": {"num_views": cfg.num_views, "resolution": cfg.resolution}}
+    world = getattr(prior, "world", None)
+    if world is not None:
+        metrics["oracle"] = _oracle(world, system, corpus, cameras, renders, renderable)
+    if cfg.get("videos"):
+        video_dir = output_dir / "videos"
+        for prompt in renderable.get(cfg.videos, corpus.unique(cfg.videos)):
+            frames = renders.get(prompt)
+            if frames is None:
+                frames = render_turntable(system, prompt, cameras)
+            write_video(frames, video_dir / f"{slugify(prompt)}.mp4", fps=cfg.video_fps)
+        metrics["videos"] = str(video_dir)
+    return metrics
+
+
+def _oracle(world, system, corpus, cameras: CameraBatch, renders: dict[str, Tensor],
+            renderable: dict[str, list[str]]) -> dict:
+    all_prompts = list(dict.fromkeys(p for s in ("train", "val", "test") if s in corpus.splits
+                                     for p in corpus.unique(s)))
+    object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in all_prompts}))
+    cams = CameraBatch.cat([cameras] * len(object_ids))
+    references = render_objects(world, object_ids, cams, system.renderer)
+    reference_objects = object_ids.repeat_interleave(len(cameras))
+    train = set(corpus.unique("train"))
+    out = {}
+    for split, prompts in renderable.items():
+        per_prompt = {p: oracle_views(renders[p], references, reference_objects, world.object_for_prompt(p))
+                      for p in prompts}
+        out[split] = summarize(per_prompt, {"seen": [p for p in prompts if p in train],
+                                            "held_out": [p for p in prompts if p not in train]})
+        log.info("oracle %s: R@1 %.3f  PSNR %.2f dB", split, out[split]["overall"]["r_at_1"] or 0,
+                 out[split]["overall"]["psnr"] or 0)
+    return out

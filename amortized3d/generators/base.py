@@ -1,0 +1,46 @@
+"""The generator interface: text (and optionally a latent z) in, a batched 3D field out."""
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+FieldKind = Literal["sdf", "density"]
+
+
+@runtime_checkable
+class Field(Protocol):
+    """B radiance fields evaluated together (one per prompt in the batch).
+
+    ``query(points [B,N,3]) -> (geometry [B,N], albedo [B,N,3])`` where geometry is a signed
+    distance (``kind == "sdf"``, negative inside) or a raw pre-activation density
+    (``kind == "density"``) and albedo lies in [0, 1]. Field ``b`` is evaluated at ``points[b]``.
+    """
+
+    kind: FieldKind
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class Generator(nn.Module):
+    """Maps a batch of prompts to a batch of fields.
+
+    ``text_emb`` [B,E] is the (cached) text embedding, ``prompt_ids`` [B] the indices of the
+    prompts in the training corpus (used by per-prompt generators), ``z`` an optional latent.
+    Generators that cannot represent prompts they were not trained on set
+    ``supports_unseen_prompts = False``.
+    """
+
+    field_kind: FieldKind = "sdf"
+    supports_unseen_prompts: bool = True
+
+    def forward(self, text_emb: Tensor, prompt_ids: Tensor, z: Tensor | None = None) -> Field:  # noqa: D401
+        raise NotImplementedError("abstract: subclasses return a Field")
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups; subclasses override to give parts their own lr."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "generator"}]

@@ -1,0 +1,220 @@
+"""Multiresolution hash encoding (Instant-NGP, Müller et al. 2022), in torch or tiny-cuda-nn.
+
+The torch path follows the paper: x in [-bound, bound]^3 is mapped to u in [0,1]^3 (clamped),
+level l has resolution N_l = floor(base_resolution * per_level_scale**l) and (N_l+1)^3
+vertices; a level whose vertices fit in the table (``(N_l+1)^3 <= T``) is indexed densely
+(one row per vertex), finer levels through the spatial hash
+``(x*1) ^ (y*2654435761) ^ (z*805459861) mod T``; the 8 corner features are trilinearly
+interpolated. Dense levels only allocate the rows they use (as tiny-cuda-nn does), so all
+levels live in ONE flat parameter ``table`` [num_instances, rows, F] addressed through
+per-level row offsets. ``num_instances > 1`` gives every instance (e.g. every prompt of a
+per-prompt iNGP) its own tables while keeping a single batched gather.
+
+tiny-cuda-nn is optional and imported lazily: importing this module needs neither CUDA nor
+tinycudann. Its HashGrid parameterises resolutions slightly differently (scale
+``b*s^l - 1`` and a half-cell offset), so its parameters are not interchangeable with the
+torch table; the resolved backend is therefore stored in the checkpoint (extra state).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+Implementation = Literal["auto", "torch", "tcnn"]
+
+#: Instant-NGP's spatial-hash primes (the first dimension's "prime" is 1 for cache coherence).
+HASH_PRIMES: tuple[int, int, int] = (1, 2654435761, 805459861)
+
+
+@functools.lru_cache(maxsize=1)
+def tcnn_status() -> tuple[bool, str]:
+    """Whether ``import tinycudann`` works, and why not. Cached: the import is slow."""
+    try:
+        import tinycudann  # noqa: F401
+    except Exception as err:  # ImportError, or OSError/RuntimeError from missing CUDA libraries
+        return False, f"tinycudann cannot be imported ({type(err).__name__}: {err})"
+    return True, "tinycudann is importable"
+
+
+def level_resolutions(n_levels: int, base_resolution: int, per_level_scale: float) -> list[int]:
+    """N_l = floor(base_resolution * per_level_scale**l), the paper's definition."""
+    return [int(math.floor(base_resolution * per_level_scale**level)) for level in range(n_levels)]
+
+
+def level_layout(resolutions: list[int], table_size: int) -> tuple[list[bool], list[int], list[int]]:
+    """Per level: dense or hashed, number of rows, and row offset in the flat table."""
+    dense = [(n + 1) ** 3 <= table_size for n in resolutions]
+    rows = [(n + 1) ** 3 if d else table_size for n, d in zip(resolutions, dense)]
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+    return dense, rows, offsets
+
+
+class HashGridEncoding(nn.Module):
+    """x [B,N,3] (+ instance ids [B]) -> features [B,N,n_levels*n_features_per_level]."""
+
+    def __init__(
+        self,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        per_level_scale: float = 1.447,
+        bound: float = 2.0,
+        num_instances: int = 1,
+        implementation: Implementation = "auto",
+        init_std: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if implementation not in ("auto", "torch", "tcnn"):
+            raise ValueError(f"implementation must be auto|torch|tcnn, got {implementation!r}")
+        if num_instances < 1:
+            raise ValueError("num_instances must be >= 1")
+        self.n_levels = n_levels
+        self.n_features_per_level = n_features_per_level
+        self.log2_hashmap_size = log2_hashmap_size
+        self.base_resolution = base_resolution
+        self.per_level_scale = float(per_level_scale)
+        self.bound = float(bound)
+        self.num_instances = num_instances
+        self.init_std = init_std
+        self.output_dim = n_levels * n_features_per_level
+        self.implementation: str = self._resolve(implementation)
+        if self.implementation == "tcnn":
+            self._build_tcnn()
+        else:
+            self._build_torch()
+
+    # ------------------------------------------------------------------ construction
+    def _resolve(self, requested: str) -> str:
+        """Pick the backend once, at construction, so the optimizer sees the final parameters.
+
+        tcnn needs CUDA (its parameters are created on the GPU) and has one table per module,
+        so it is used only for a single instance on a machine with CUDA.
+        """
+        if requested == "torch":
+            return "torch"
+        ok, reason = tcnn_status()
+        if ok and not torch.cuda.is_available():
+            ok, reason = False, "CUDA is not available"
+        if ok and self.num_instances != 1:
+            ok, reason = False, f"num_instances={self.num_instances} (tcnn holds one table)"
+        if requested == "tcnn" and not ok:
+            warnings.warn(f"HashGridEncoding: tcnn requested but {reason}; using the torch "
+                          "implementation", RuntimeWarning, stacklevel=3)
+        return "tcnn" if ok else "torch"
+
+    def _build_torch(self) -> None:
+        table_size = 2**self.log2_hashmap_size
+        res = level_resolutions(self.n_levels, self.base_resolution, self.per_level_scale)
+        dense, rows, offsets = level_layout(res, table_size)
+        self.rows_per_instance = sum(rows)
+        self.table = nn.Parameter(
+            torch.randn(self.num_instances, self.rows_per_instance, self.n_features_per_level)
+            * self.init_std)
+        n = torch.tensor(res, dtype=torch.long)
+        strides = torch.stack([torch.ones_like(n), n + 1, (n + 1) ** 2], dim=-1)  # [L,3]
+        # Buffers are derived from the config: non-persistent, but they follow .to(device).
+        self.register_buffer("_res", n, persistent=False)
+        self.register_buffer("_dense", torch.tensor(dense), persistent=False)
+        self.register_buffer("_strides", strides, persistent=False)
+        self.register_buffer("_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("_primes", torch.tensor(HASH_PRIMES, dtype=torch.long), persistent=False)
+
+    def _build_tcnn(self) -> None:
+        import tinycudann as tcnn
+
+        config = {
+            "otype": "HashGrid",
+            "n_levels": self.n_levels,
+            "n_features_per_level": self.n_features_per_level,
+            "log2_hashmap_size": self.log2_hashmap_size,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.per_level_scale,
+        }
+        self.tcnn_encoding = tcnn.Encoding(n_input_dims=3, encoding_config=config)
+        with torch.no_grad():  # same initial distribution as the torch table
+            self.tcnn_encoding.params.normal_(0.0, self.init_std)
+
+    # ------------------------------------------------------------------ forward
+    def normalize(self, x: Tensor) -> Tensor:
+        """[-bound, bound] -> [0, 1], clamped (points outside see the boundary's features)."""
+        return ((x + self.bound) / (2.0 * self.bound)).clamp(0.0, 1.0)
+
+    def forward(self, x: Tensor, instance_ids: Tensor | None = None) -> Tensor:
+        if x.shape[-1] != 3 or x.dim() != 3:
+            raise ValueError(f"expected points [B,N,3], got {tuple(x.shape)}")
+        if instance_ids is None:
+            if self.num_instances != 1:
+                raise ValueError("instance_ids are required when num_instances > 1")
+        elif instance_ids.shape != (x.shape[0],):
+            raise ValueError(f"instance_ids must be [B]={x.shape[0]}, got {tuple(instance_ids.shape)}")
+        if self.implementation == "tcnn":
+            return self._forward_tcnn(x)
+        return self._forward_torch(x, instance_ids)
+
+    def _forward_tcnn(self, x: Tensor) -> Tensor:
+        if not x.is_cuda:
+            raise RuntimeError("this HashGridEncoding uses tcnn and needs CUDA inputs")
+        b, n, _ = x.shape
+        out = self.tcnn_encoding(self.normalize(x).reshape(-1, 3).float())
+        return out.float().reshape(b, n, self.output_dim)
+
+    def _forward_torch(self, x: Tensor, instance_ids: Tensor | None) -> Tensor:
+        """All levels and corners at once: index/weight tensors of shape [B,N,L,8].
+
+        Per-dimension terms are built for the two corner offsets ([...,L,3,2]) and combined
+        by broadcasting into the 8 corners (corner c has offsets (c&1, c>>1&1, c>>2&1)), which
+        avoids materialising [...,L,8,3] integer tensors.
+        """
+        b, n, _ = x.shape
+        res = self._res.to(x.dtype)                                      # [L]
+        pos = self.normalize(x)[:, :, None, :] * res[:, None]            # [B,N,L,3]
+        # Clamp the cell so that u == 1 lands on the last cell with frac == 1.
+        cell = torch.minimum(pos.detach().floor(), (res - 1)[:, None]).long()
+        frac = pos - cell.to(x.dtype)                                    # grads flow to x here
+        ends = torch.stack([cell, cell + 1], dim=-1)                     # [B,N,L,3,2]
+        w = torch.stack([1.0 - frac, frac], dim=-1)                      # [B,N,L,3,2]
+        weight = _corners(w, torch.mul)                                  # [B,N,L,8]
+        dense_idx = _corners(ends * self._strides[..., None], torch.add)
+        # Products fit in int64 (coords < 2^31, primes < 2^32); & (T-1) == mod T, T = 2^k,
+        # and equals the reference's uint32 arithmetic since T divides 2^32.
+        hashed_idx = _corners(ends * self._primes[:, None], torch.bitwise_xor)
+        hashed_idx = hashed_idx & (2**self.log2_hashmap_size - 1)
+        rows = torch.where(self._dense[:, None], dense_idx, hashed_idx) + self._offsets[:, None]
+        if instance_ids is not None and self.num_instances > 1:
+            rows = rows + (instance_ids.long() * self.rows_per_instance).view(b, 1, 1, 1)
+        flat = self.table.reshape(-1, self.n_features_per_level)
+        feats = flat.index_select(0, rows.reshape(-1)).view(*rows.shape, self.n_features_per_level)
+        out = torch.matmul(weight.unsqueeze(-2), feats.to(weight.dtype))  # [B,N,L,1,F]
+        return out.reshape(b, n, self.output_dim)
+
+    # ------------------------------------------------------------------ checkpointing
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"implementation": self.implementation, "format": 1}
+
+    def set_extra_state(self, state: Any) -> None:
+        stored = state.get("implementation") if isinstance(state, dict) else None
+        if stored is not None and stored != self.implementation:
+            warnings.warn(
+                f"HashGridEncoding: checkpoint was written by the {stored!r} implementation but "
+                f"this module uses {self.implementation!r}; their parameters are not "
+                "interchangeable (rebuild with implementation="
+                f"{stored!r} to load it)", RuntimeWarning, stacklevel=2)
+
+    def extra_repr(self) -> str:
+        return (f"implementation={self.implementation}, levels={self.n_levels}x"
+                f"{self.n_features_per_level}, log2_T={self.log2_hashmap_size}, "
+                f"base={self.base_resolution}, scale={self.per_level_scale}, "
+                f"bound={self.bound}, instances={self.num_instances}")
+
+
+def _corners(per_dim: Tensor, combine) -> Tensor:
+    """[..., 3, 2] per-dimension terms -> [..., 8] corner values, corner c = z*4 + y*2 + x."""
+    tx, ty, tz = per_dim[..., 0, :], per_dim[..., 1, :], per_dim[..., 2, :]
+    zy = combine(tz[..., :, None], ty[..., None, :])                     # [..., 2(z), 2(y)]
+    return combine(zy[..., None], tx[..., None, None, :]).flatten(-3)   # [..., 8]

@@ -1,0 +1,107 @@
+"""The score-distillation interface and the pieces every objective shares.
+
+A guidance turns renders into per-item losses whose gradient w.r.t. the render is the
+distillation gradient. Objectives with their own trainable model (the VSD family) also
+declare *when* that model is updated relative to the generator step (``update_order``);
+the system (``amortized3d.system``) is the one place that executes that ordering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from amortized3d.cameras import CameraBatch
+from amortized3d.priors.base import Prior
+from amortized3d.schedules import Scheduled, TimestepSampler
+
+UpdateOrder = Literal["none", "after", "before", "joint"]
+
+
+@dataclass
+class GuidanceInput:
+    rgb: Tensor  # [N,3,H,W] renders in [0,1], N = B*V (prompt-major)
+    cameras: CameraBatch  # N cameras
+    prompts: Sequence[str]  # N prompts (repeated per view)
+    step: int  # global training step (drives schedules)
+    generator: torch.Generator | None = None  # per-step RNG: reproducible and resumable
+    text_emb: Tensor | None = None  # [N,E] prompt embeddings (score models condition on them)
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. normals for SDI's convexity loss
+
+
+@dataclass
+class GuidanceOutput:
+    losses: dict[str, Tensor]  # name -> per-item loss [N] (the system weights and reduces)
+    logs: dict[str, Tensor] = field(default_factory=dict)  # scalars for the logger
+
+
+def distillation_loss(x0: Tensor, grad: Tensor) -> Tensor:
+    """Per-item loss whose gradient w.r.t. ``x0`` is exactly ``grad`` (the SDS reparameterisation).
+
+    0.5 * ||x0 - sg(x0 - grad)||^2 summed over each item's elements.
+    """
+    target = (x0 - grad).detach()
+    return 0.5 * (x0 - target).pow(2).flatten(1).sum(dim=1)
+
+
+def timestep_weight(kind: str, alphas_cumprod: Tensor, t: Tensor) -> Tensor:
+    """w(t): ``sds`` = 1 - abar_t (DreamFusion), ``uniform`` = 1, ``snr`` = sqrt(abar (1-abar))."""
+    a = alphas_cumprod.to(t.device)[t]
+    if kind == "sds":
+        return 1.0 - a
+    if kind == "uniform":
+        return torch.ones_like(a)
+    if kind == "snr":
+        return (a * (1.0 - a)).sqrt()
+    raise ValueError(f"unknown timestep weighting {kind!r}; valid: sds, uniform, snr")
+
+
+def expand_like(w: Tensor, x: Tensor) -> Tensor:
+    return w.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+class Guidance(nn.Module):
+    """Base class: holds the prior, the timestep sampler and the loss weight schedule."""
+
+    update_order: UpdateOrder = "none"
+    score_steps: int = 1  # auxiliary-model updates per generator step (gamma; L-VSD uses > 1)
+    needs_normals: bool = False  # renders must carry normals in ``extras["normal"]`` (SDI convexity)
+
+    def __init__(self, prior: Prior, t_min: Any = 0.02, t_max: Any = 0.98, weighting: str = "sds",
+                 loss_weight: Any = 1.0):
+        super().__init__()
+        self.prior = prior
+        self.timesteps = TimestepSampler.from_config(t_min, t_max, prior.num_train_timesteps)
+        self.weighting = weighting
+        self.loss_weight = Scheduled.parse(loss_weight)
+
+    # --- hooks for objectives with an auxiliary (score) model -------------------------------
+    def auxiliary_parameter_groups(self) -> list[dict]:
+        """Parameters trained by the guidance itself (VSD's score model); none by default."""
+        return []
+
+    def auxiliary_optimizer_config(self) -> dict:
+        """Optimizer settings for ``auxiliary_parameter_groups`` (see ``amortized3d.optim``)."""
+        return {"name": "adamw", "lr": 1e-4}
+
+    def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
+        """Loss of the auxiliary model on the detached renders (``update_order != "none"``)."""
+        raise RuntimeError(f"{type(self).__name__} has no auxiliary model")
+
+    # --- shared pieces ------------------------------------------------------------------------
+    def condition(self, inp: GuidanceInput) -> Any:
+        return self.prior.text_condition(list(inp.prompts), inp.cameras.view_labels())
+
+    def sample_noisy(self, x0: Tensor, inp: GuidanceInput) -> tuple[Tensor, Tensor, Tensor]:
+        """(t [N], noise, x_t) with the annealed timestep range at this step."""
+        t = self.timesteps.sample(x0.shape[0], inp.step, inp.generator, x0.device)
+        noise = torch.randn(x0.shape, generator=inp.generator, dtype=x0.dtype).to(x0.device)
+        return t, noise, self.prior.schedule.add_noise(x0, noise, t)
+
+    def weight(self, t: Tensor) -> Tensor:
+        return timestep_weight(self.weighting, self.prior.alphas_cumprod, t)
+
+    def forward(self, inp: GuidanceInput) -> GuidanceOutput:  # noqa: D401
+        raise NotImplementedError("abstract: subclasses compute the distillation loss")

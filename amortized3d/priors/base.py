@@ -1,0 +1,49 @@
+"""The 2D diffusion prior interface shared by the analytic prior and Stable Diffusion.
+
+One classifier-free-guidance convention everywhere (diffusers):
+``eps = eps_uncond + s * (eps_cond - eps_uncond)``; ``s = 1`` is conditional only and
+``s = 0`` unconditional only (each evaluates a single branch).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from amortized3d.priors.schedule import NoiseSchedule
+
+
+class Prior(nn.Module):
+    """A frozen denoiser in some image space (pixels or VAE latents)."""
+
+    schedule: NoiseSchedule
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.schedule.alphas_cumprod
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of ``encode``'s output."""
+        raise NotImplementedError("abstract")
+
+    def encode(self, rgb: Tensor) -> Tensor:
+        """Differentiable map of renders [N,3,H,W] in [0,1] to the prior's x0 space."""
+        raise NotImplementedError("abstract")
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Map x0 back to images [N,3,h,w] in [0,1] (for visualisation and SDI)."""
+        raise NotImplementedError("abstract")
+
+    def text_condition(self, prompts: Sequence[str], view_labels: Sequence[str] | None = None) -> Any:
+        """An opaque condition object for ``predict_noise`` (one entry per prompt)."""
+        raise NotImplementedError("abstract")
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
+        """Classifier-free-guided epsilon prediction at integer timesteps ``t`` [N]."""
+        raise NotImplementedError("abstract")

@@ -1,0 +1,187 @@
+"""Differentiable two-stage volume renderer for batches of fields (one per prompt).
+
+All rays of all views of field ``b`` go through a single ``field.query`` call per stage, so a
+hypernetwork or 3D-conv generator evaluates its B fields in one batched pass; the only
+Python loop is over ray chunks, used when ``chunk_rays`` bounds memory for large renders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cameras import CameraBatch
+from ..generators.base import Field
+from . import regularizers as regs
+from .backgrounds import Background, SolidBackground
+from .densities import (DENSITY_ACTIVATIONS, central_difference_gradient, central_difference_points,
+                        composite_weights, nerf_density, volsdf_density)
+from .output import RenderOutput
+from .sampling import sample_pdf, stratified_samples
+
+_DENSITY_FOR_KIND = {"sdf": "volsdf", "density": "nerf"}
+
+
+@dataclass
+class _RayResults:
+    """Composited quantities for a chunk of rays, laid out [B, R, ...]."""
+
+    color: Tensor  # [B,R,3] sum of w * albedo (before the background)
+    opacity: Tensor  # [B,R]
+    depth: Tensor  # [B,R]
+    normal: Tensor | None  # [B,R,3]
+    eikonal_sum: Tensor | None  # [B] sum of per-sample residuals
+    num_samples: int  # samples per field in this chunk (for the eikonal mean)
+
+
+class VolumeRenderer(nn.Module):
+    """Stratified + importance-sampled alpha compositing of VolSDF or NeRF densities.
+
+    ``self.training`` selects jittered samples and random quantiles (unbiased, needs a
+    generator for reproducibility); eval mode uses bin midpoints and fixed quantiles, so eval
+    renders are deterministic.
+    """
+
+    def __init__(self, near: float = 0.1, far: float = 4.0, num_samples: int = 128, num_importance: int = 64,
+                 density: str = "volsdf", volsdf_inv_std: float = 30.0,
+                 nerf_density_activation: str = "softplus", normal_eps: float = 0.01,
+                 chunk_rays: int | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= near < far:
+            raise ValueError(f"need 0 <= near < far, got near={near}, far={far}")
+        if num_samples < 1 or num_importance < 0:
+            raise ValueError(f"need num_samples >= 1 and num_importance >= 0, got {num_samples}, {num_importance}")
+        if density not in _DENSITY_FOR_KIND.values():
+            raise ValueError(f"density must be 'volsdf' or 'nerf', got {density!r}")
+        if nerf_density_activation not in DENSITY_ACTIVATIONS:
+            raise ValueError(f"nerf_density_activation must be one of {DENSITY_ACTIVATIONS}")
+        if volsdf_inv_std <= 0 or normal_eps <= 0:
+            raise ValueError("volsdf_inv_std and normal_eps must be positive")
+        if chunk_rays is not None and chunk_rays < 1:
+            raise ValueError(f"chunk_rays must be positive or None, got {chunk_rays}")
+        self.near, self.far = float(near), float(far)
+        self.num_samples, self.num_importance = int(num_samples), int(num_importance)
+        self.density = density
+        self.volsdf_inv_std = float(volsdf_inv_std)
+        self.nerf_density_activation = nerf_density_activation
+        self.normal_eps = float(normal_eps)
+        self.chunk_rays = chunk_rays
+
+    def extra_repr(self) -> str:
+        return (f"near={self.near}, far={self.far}, samples={self.num_samples}+{self.num_importance}, "
+                f"density={self.density}, inv_std={self.volsdf_inv_std}, "
+                f"activation={self.nerf_density_activation}, chunk_rays={self.chunk_rays}")
+
+    def sigma(self, geometry: Tensor) -> Tensor:
+        """Density from the field's geometry output (SDF or raw density)."""
+        if self.density == "volsdf":
+            return volsdf_density(geometry, self.volsdf_inv_std)
+        return nerf_density(geometry, self.nerf_density_activation)
+
+    def forward(self, field: Field, cameras: CameraBatch, background: Background | None = None,
+                compute_normals: bool = False, regularizers: Sequence[str] = (),
+                generator: torch.Generator | None = None) -> RenderOutput:
+        """Render ``len(cameras) = B * V`` prompt-major views of ``field`` (B fields).
+
+        ``chunk_rays`` (if set) bounds the rays (summed over the B fields) per query call.
+        """
+        names = tuple(regularizers)
+        self._check_field(field)
+        regs.check_regularizer_names(names, field.kind)
+        b, n = field.batch_size, len(cameras)
+        if b < 1 or n % b != 0:
+            raise ValueError(f"len(cameras)={n} must be a positive multiple of field.batch_size={b}")
+        h, w = cameras.height, cameras.width
+        origins, directions = cameras.rays()
+        rays = n // b * h * w
+        origins, directions = origins.reshape(b, rays, 3), directions.reshape(b, rays, 3)
+        with_gradient = compute_normals or "eikonal" in names
+
+        chunk = rays if self.chunk_rays is None else max(1, self.chunk_rays // b)
+        parts = [self._render_rays(field, origins[:, s:s + chunk], directions[:, s:s + chunk],
+                                   with_gradient, compute_normals, generator)
+                 for s in range(0, rays, chunk)]
+
+        def image(key: str) -> Tensor:  # [B,R,C] or [B,R] chunks -> [N,C,H,W]
+            x = torch.cat([getattr(p, key) for p in parts], dim=1)
+            x = x if x.dim() == 3 else x[..., None]
+            return x.reshape(n, h, w, x.shape[-1]).permute(0, 3, 1, 2)
+
+        opacity = image("opacity")
+        if background is None:
+            background = SolidBackground().to(opacity.device)
+        bg = background(n, h, w, generator=generator, training=self.training).to(opacity)
+        rgb = image("color") + (1.0 - opacity) * bg
+        normal = image("normal") if compute_normals else None
+
+        flat_opacity = opacity.reshape(b, rays)
+        terms: dict[str, Tensor] = {}
+        if "sparsity" in names:
+            terms["sparsity"] = regs.sparsity(flat_opacity)
+        if "opaque" in names:
+            terms["opaque"] = regs.opaque(flat_opacity)
+        if "eikonal" in names:
+            total = sum(p.num_samples for p in parts)
+            terms["eikonal"] = torch.stack([p.eikonal_sum for p in parts]).sum(dim=0) / total
+        return RenderOutput(rgb=rgb, opacity=opacity, depth=image("depth"), normal=normal, regularizers=terms)
+
+    def _check_field(self, field: Field) -> None:
+        expected = _DENSITY_FOR_KIND.get(field.kind)
+        if expected is None:
+            raise ValueError(f"unknown field kind {field.kind!r}; expected 'sdf' or 'density'")
+        if expected != self.density:
+            raise ValueError(f"renderer density {self.density!r} cannot render a field of kind "
+                             f"{field.kind!r}; set the renderer's density to {expected!r}")
+
+    def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor,
+                  generator: torch.Generator | None) -> Tensor:
+        """Importance samples [B,R,num_importance] from the stratified proposal ``t``.
+
+        Gradient-free: sample positions are not differentiated, and skipping the graph here
+        halves the activation memory of a training step.
+        """
+        b, r, s = t.shape
+        with torch.no_grad():
+            points = origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]
+            geometry, _ = field.query(points.reshape(b, r * s, 3))
+            weights, _ = composite_weights(self.sigma(geometry.to(t.dtype).reshape(b, r, s)), t, self.far)
+            bins = torch.cat([t, torch.full_like(t[..., :1], self.far)], dim=-1)
+            return sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
+                              generator=generator)
+
+    def _render_rays(self, field: Field, origins: Tensor, directions: Tensor, with_gradient: bool,
+                     compute_normals: bool, generator: torch.Generator | None) -> _RayResults:
+        b, r, _ = origins.shape
+        t = stratified_samples((b, r), self.num_samples, self.near, self.far, jitter=self.training,
+                               generator=generator, device=origins.device, dtype=origins.dtype)
+        if self.num_importance > 0:
+            t_fine = self._proposal(field, origins, directions, t, generator)
+            t = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
+        s = t.shape[-1]
+        points = (origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]).reshape(b, r * s, 3)
+        if with_gradient:
+            stencil = central_difference_points(points, self.normal_eps)
+            geometry, albedo = field.query(torch.cat([points, stencil], dim=1))
+            gradient = central_difference_gradient(geometry[:, r * s:], self.normal_eps)  # [B,RS,3]
+            geometry, albedo = geometry[:, :r * s], albedo[:, :r * s]
+        else:
+            geometry, albedo = field.query(points)
+        # Composite in the rays' dtype (fp32) even when the field ran under autocast:
+        # cumulative optical depth in fp16/bf16 loses the transmittance of long rays.
+        geometry, albedo = geometry.to(t.dtype), albedo.to(t.dtype)
+        weights, _ = composite_weights(self.sigma(geometry.reshape(b, r, s)), t, self.far)  # [B,R,S]
+
+        color = (weights[..., None] * albedo.reshape(b, r, s, 3)).sum(dim=2)
+        normal = eikonal_sum = None
+        if compute_normals:
+            # Density increases inwards, so the outward normal is the negative density gradient.
+            oriented = gradient if field.kind == "sdf" else -gradient
+            unit = F.normalize(oriented, dim=-1, eps=1e-8).reshape(b, r, s, 3)
+            normal = (weights[..., None] * unit).sum(dim=2)
+        if with_gradient and field.kind == "sdf":
+            eikonal_sum = regs.eikonal_residuals(gradient).sum(dim=-1)
+        return _RayResults(color=color, opacity=weights.sum(dim=-1), depth=(weights * t).sum(dim=-1),
+                           normal=normal, eikonal_sum=eikonal_sum, num_samples=r * s)

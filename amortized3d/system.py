@@ -1,0 +1,229 @@
+"""The training system: generator -> renderer -> guidance -> (ordered) optimizer steps.
+
+Manual optimisation, because score-distillation objectives need a specific order between
+the generator step and their own score-model step (VSD: after, L-VSD: before, threestudio:
+joint). That order is executed here and only here, from ``guidance.update_order``.
+Lightning's ``global_step`` counts generator updates; ``batch_index`` counts training steps
+(including ones skipped for non-finite gradients) and keys the data and RNG streams, so a
+resumed run replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from amortized3d.cameras import CameraBatch, CameraRanges, orbit_cameras, sample_cameras
+from amortized3d.data import step_generator
+from amortized3d.generators.base import Generator
+from amortized3d.guidance.base import Guidance, GuidanceInput, GuidanceOutput
+from amortized3d.optim import build_optimizer, grads_are_finite
+from amortized3d.rendering import Background, RenderOutput, SolidBackground, VolumeRenderer
+from amortized3d.schedules import Scheduled
+from amortized3d.text.base import TextEncoder
+
+REGULARIZERS = ("sparsity", "opaque", "eikonal")
+
+
+class AmortizedSystem(L.LightningModule):
+    def __init__(self, generator: Generator, renderer: VolumeRenderer, guidance: Guidance,
+                 text_encoder: TextEncoder, train_prompts: Sequence[str], text_table: Tensor,
+                 optimizer: dict, loss_weights: dict[str, Any], views_per_prompt: int = 1,
+                 resolution: int = 64, camera_ranges: CameraRanges = CameraRanges(),
+                 train_background: Background | None = None, eval_background: Background | None = None,
+                 seed: int = 0, val_views: int = 4, val_resolution: int | None = None,
+                 config: dict | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator, self.renderer, self.guidance = generator, renderer, guidance
+        self.text_encoder = text_encoder
+        self.train_prompts = list(train_prompts)
+        self.register_buffer("text_table", text_table.float(), persistent=False)
+        self.optimizer_config = dict(optimizer)
+        self.loss_weights = {k: Scheduled.parse(v) for k, v in loss_weights.items()}
+        self.views_per_prompt, self.resolution, self.camera_ranges = views_per_prompt, resolution, camera_ranges
+        self.train_background = train_background or SolidBackground()
+        self.eval_background = eval_background or SolidBackground()
+        self.seed, self.val_views = seed, val_views
+        self.val_resolution = val_resolution or resolution
+        self.batch_index = 0  # training steps taken, skipped ones included
+        self.nonfinite_steps = 0  # steps whose gradients were not finite (skipped, counted)
+        self.auxiliary_optimizer: torch.optim.Optimizer | None = None
+        self.save_hyperparameters({"config": config or {}})
+        self.val_images: list[Tensor] = []
+
+    # --- rendering ------------------------------------------------------------------------------
+    def embed(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Text embeddings and prompt ids (train-corpus index, -1 when unseen) for any prompts."""
+        index = {p: i for i, p in enumerate(self.train_prompts)}
+        ids = torch.tensor([index.get(p, -1) for p in prompts], device=self.device)
+        if (ids >= 0).all():
+            return self.text_table[ids], ids
+        if not self.generator.supports_unseen_prompts:
+            unseen = [p for p, i in zip(prompts, ids.tolist()) if i < 0]
+            raise ValueError(f"{type(self.generator).__name__} is a per-prompt generator and cannot render prompts "
+                             f"it was not trained on: {unseen}")
+        emb = self.text_encoder.encode(list(prompts)).to(self.device, self.text_table.dtype)
+        return emb, ids.clamp(min=0)
+
+    def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,
+               compute_normals: bool = False, regularizers: Sequence[str] = (),
+               generator: torch.Generator | None = None) -> RenderOutput:
+        """Render ``len(cameras) // len(prompts)`` views of each prompt (prompt-major cameras)."""
+        text_emb, ids = self.embed(prompts)
+        field = self.generator(text_emb, ids)
+        return self.renderer(field, cameras.to(self.device), background=background or self.eval_background,
+                             compute_normals=compute_normals, regularizers=regularizers, generator=generator)
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        aux_groups = self.guidance.auxiliary_parameter_groups()
+        if aux_groups:  # owned here, not by Lightning: global_step must count generator updates only
+            self.auxiliary_optimizer = build_optimizer(aux_groups, self.guidance.auxiliary_optimizer_config())
+        return build_optimizer(self.generator.parameter_groups(), self.optimizer_config)
+
+    def _active_regularizers(self) -> list[str]:
+        return [r for r in REGULARIZERS if r in self.loss_weights and self.loss_weights[r](self.batch_index) != 0]
+
+    def _reduce(self, losses: dict[str, Tensor], item_weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted per-item losses -> scalar; padding items (weight 0) contribute nothing."""
+        total, logs = 0.0, {}
+        for name, per_item in losses.items():
+            w = item_weights.repeat_interleave(per_item.shape[0] // item_weights.shape[0])
+            value = (per_item * w).sum() / w.numel()
+            lam = self.loss_weights[name](self.batch_index) if name in self.loss_weights else 1.0
+            total = total + lam * value
+            logs[f"loss/{name}"] = value.detach()
+        return total, logs
+
+    def _guidance_input(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
+                        stream: str, detach: bool = False) -> GuidanceInput:
+        extras = {"opacity": out.opacity, "normal": out.normal}
+        if detach:
+            extras = {k: (v.detach() if v is not None else None) for k, v in extras.items()}
+        return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
+                             step=self.batch_index, text_emb=text_emb, extras=extras,
+                             generator=step_generator(self.seed, self.batch_index, self.global_rank, stream))
+
+    def _auxiliary_steps(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
+                         weights: Tensor) -> dict:
+        """``guidance.score_steps`` updates of the guidance's own model on the detached renders."""
+        logs: dict = {}
+        for i in range(self.guidance.score_steps):
+            aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, f"aux{i}", True))
+            loss, loss_logs = self._reduce(aux.losses, weights)
+            self.auxiliary_optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self._all_finite(self.auxiliary_optimizer):
+                self.auxiliary_optimizer.step()
+            logs = {**{f"aux/{k}": v for k, v in loss_logs.items()}, **{f"aux/{k}": v for k, v in aux.logs.items()}}
+        return logs
+
+    def _all_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Finite on every rank, or skip everywhere (and count it) so DDP replicas stay identical."""
+        ok = torch.tensor(float(grads_are_finite(optimizer)), device=self.device)
+        ok = self.trainer.strategy.reduce(ok, reduce_op="min") if self.trainer.world_size > 1 else ok
+        if ok.item() < 1:
+            self.nonfinite_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        return True
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if int(batch["step"]) != self.batch_index:
+            raise RuntimeError(f"data stream at step {int(batch['step'])} but the system is at {self.batch_index}")
+        opt = self.optimizers()
+        ids, weights = batch["prompt_ids"].to(self.device), batch["weights"].to(self.device)
+        V = self.views_per_prompt
+        prompts = [self.train_prompts[i] for i in ids.tolist() for _ in range(V)]
+        cameras = sample_cameras(len(prompts), self.resolution, self.camera_ranges,
+                                 generator=step_generator(self.seed, self.batch_index, self.global_rank, "cameras"))
+        cameras = cameras.to(self.device)
+        order = self.guidance.update_order
+        text_emb = self.text_table[ids]
+        field = self.generator(text_emb, ids)
+        out = self.renderer(field, cameras, background=self.train_background, regularizers=self._active_regularizers(),
+                            compute_normals=self.guidance.needs_normals,
+                            generator=step_generator(self.seed, self.batch_index, self.global_rank, "render"))
+        text_emb = text_emb.repeat_interleave(V, dim=0)
+        logs: dict[str, Tensor] = {}
+        if order == "before":  # L-VSD: the score model looks ahead at the current renders first
+            logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights))
+        g_out: GuidanceOutput = self.guidance(self._guidance_input(out, cameras, prompts, text_emb, "guidance"))
+        losses = {**g_out.losses, **out.regularizers}
+        if order == "joint":
+            aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, "aux0", True))
+            losses.update({f"aux_{k}": v for k, v in aux.losses.items()})
+        loss, loss_logs = self._reduce(losses, weights)
+        logs.update(loss_logs)
+        opt.zero_grad(set_to_none=True)
+        if self.auxiliary_optimizer is not None and order == "joint":
+            self.auxiliary_optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self._all_finite(opt):
+            opt.step()
+            if order == "joint" and self._all_finite(self.auxiliary_optimizer):
+                self.auxiliary_optimizer.step()
+        if order == "after":  # ProlificDreamer: score model trained on the renders of the updated step
+            logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights))
+        self.batch_index += 1
+        logs.update({f"guidance/{k}": v for k, v in g_out.logs.items()})
+        logs["train/loss"] = loss.detach()
+        logs["train/nonfinite_steps"] = torch.tensor(float(self.nonfinite_steps))
+        logs["train/opacity"] = out.opacity.detach().mean()
+        self.log_dict(logs, prog_bar=False, batch_size=len(prompts))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(prompts))
+        return loss.detach()
+
+    def on_train_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_start_step"):
+            datamodule.set_start_step(self.batch_index)
+
+    # --- validation -----------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        prompts = self.trainer.datamodule.val_prompts
+        cams = orbit_cameras(self.val_views, self.val_resolution)
+        all_prompts = [p for p in prompts for _ in range(self.val_views)]
+        with torch.no_grad():
+            out = self.render(prompts, CameraBatch.cat([cams] * len(prompts)))
+        grid = _grid(out.rgb, rows=len(prompts), cols=self.val_views)
+        self.val_images = [grid]
+        self.log("val/opacity", out.opacity.mean(), batch_size=len(all_prompts))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _frozen_prefix(self) -> str:
+        return "guidance.prior."
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen prior (e.g. Stable Diffusion, GBs) is rebuilt from config, never checkpointed.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(self._frozen_prefix())}
+        checkpoint["amortized3d"] = {"batch_index": self.batch_index, "nonfinite_steps": self.nonfinite_steps,
+                                     "train_prompts": self.train_prompts,
+                                     "text_encoder": getattr(self.text_encoder, "identity", None),
+                                     "auxiliary_optimizer": (self.auxiliary_optimizer.state_dict()
+                                                             if self.auxiliary_optimizer is not None else None)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self._frozen_prefix())})
+        state = checkpoint.get("amortized3d", {})
+        self.batch_index = int(state.get("batch_index", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._pending_aux_state = state.get("auxiliary_optimizer")
+
+    def on_fit_start(self) -> None:
+        pending = getattr(self, "_pending_aux_state", None)
+        if pending is not None and self.auxiliary_optimizer is not None:
+            self.auxiliary_optimizer.load_state_dict(pending)
+            self._pending_aux_state = None
+
+
+def _grid(rgb: Tensor, rows: int, cols: int) -> Tensor:
+    """[rows*cols,3,H,W] -> one [3, rows*H, cols*W] image."""
+    _, c, h, w = rgb.shape
+    return rgb.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w).clamp(0, 1)

@@ -1,0 +1,21 @@
+"""The text-encoder interface shared by the analytic-world encoder and SD's CLIP encoder."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class TextEncoder:
+    """Deterministic prompt -> pooled embedding [N, E] (and optionally token embeddings).
+
+    ``identity`` must change whenever the embeddings would change (model, revision,
+    dimensions): it keys the on-disk embedding cache.
+    """
+
+    identity: str
+    embedding_dim: int
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        raise NotImplementedError("abstract")

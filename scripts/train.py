@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Train a text-to-3D generator: python scripts/train.py generator=hyper_ingp guidance=l2vsd"""
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
+def main(cfg: DictConfig) -> None:
+    from amortized3d.train import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""HashGridEncoding against a naive loop reference, finite differences and grid mathematics."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from amortized3d.generators import encodings as enc_mod
+from amortized3d.generators.encodings import HashGridEncoding
+
+# Small config with both dense and hashed levels: resolutions 4, 6, 10, 16, 26, 41;
+# T = 1024, so levels 0-1 are dense ((N+1)^3 = 125, 343) and levels 2-5 hashed.
+SMALL = dict(n_levels=6, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+             per_level_scale=1.6, bound=1.5)
+
+
+def naive_hash_grid_reference(x, table, instance_ids=None, *, n_levels, n_features_per_level,
+                              log2_hashmap_size, base_resolution, per_level_scale, bound):
+    """Obviously-correct Instant-NGP encoding: Python loops over levels and the 8 corners.
+
+    ``table`` [I, rows, F] holds the levels one after another: (N_l+1)^3 rows for a dense
+    level, T rows for a hashed one. The hash uses explicit uint32 arithmetic (mod 2^32).
+    """
+    size = 2**log2_hashmap_size
+    b = x.shape[0]
+    ids = torch.zeros(b, dtype=torch.long) if instance_ids is None else instance_ids
+    u = ((x + bound) / (2 * bound)).clamp(0, 1)
+    outs, offset = [], 0
+    for level in range(n_levels):
+        res = math.floor(base_resolution * per_level_scale**level)
+        dense = (res + 1) ** 3 <= size
+        pos = u * res
+        cell = pos.detach().floor().clamp(max=res - 1).long()
+        frac = pos - cell
+        acc = torch.zeros(*x.shape[:2], n_features_per_level, dtype=x.dtype)
+        for dx in (0, 1):
+            for dy in (0, 1):
+                for dz in (0, 1):
+                    cx, cy, cz = cell[..., 0] + dx, cell[..., 1] + dy, cell[..., 2] + dz
+                    if dense:
+                        idx = cx + cy * (res + 1) + cz * (res + 1) ** 2
+                    else:
+                        h = ((cx * 1) % 2**32) ^ ((cy * 2654435761) % 2**32) ^ ((cz * 805459861) % 2**32)
+                        idx = (h % 2**32) % size
+                    w = ((frac[..., 0] if dx else 1 - frac[..., 0])
+                         * (frac[..., 1] if dy else 1 - frac[..., 1])
+                         * (frac[..., 2] if dz else 1 - frac[..., 2]))
+                    acc = acc + w[..., None] * table[ids[:, None], offset + idx]
+        outs.append(acc)
+        offset += (res + 1) ** 3 if dense else size
+    return torch.cat(outs, dim=-1)
+
+
+def make(**kw) -> HashGridEncoding:
+    """float64 encoding with O(1) table entries so that differences are visible."""
+    enc = HashGridEncoding(**{**SMALL, "implementation": "torch", **kw}).double()
+    with torch.no_grad():
+        enc.table.normal_()
+    return enc
+
+
+def test_layout_has_dense_and_hashed_levels():
+    enc = make()
+    assert enc._res.tolist() == [4, 6, 10, 16, 26, 41]
+    assert enc._dense.tolist() == [True, True, False, False, False, False]
+    assert enc.table.shape == (1, 125 + 343 + 4 * 1024, 2)
+    default = HashGridEncoding(implementation="torch")
+    assert default.output_dim == 32 and default._res[-1].item() == 4084  # "max ~ 4096"
+
+
+@pytest.mark.parametrize("num_instances", [1, 3])
+def test_matches_naive_reference_values_and_gradients(num_instances):
+    torch.manual_seed(0)
+    enc = make(num_instances=num_instances)
+    x = (torch.rand(4, 300, 3, dtype=torch.float64) * 2 - 1) * 1.7  # some points outside bound
+    ids = torch.tensor([2, 0, 2, 1]) % num_instances
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    table_ref = enc.table.detach().clone().requires_grad_()
+    upstream = torch.randn(4, 300, 12, dtype=torch.float64)
+
+    out = enc(x1, ids if num_instances > 1 else None)
+    ref = naive_hash_grid_reference(x2, table_ref, ids, **SMALL)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(enc.table.grad, table_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-10)
+    assert x1.grad.abs().sum() > 0 and enc.table.grad.abs().sum() > 0
+
+
+def test_gradients_match_finite_differences():
+    torch.manual_seed(1)
+    enc = make()
+    x = ((torch.rand(2, 5, 3, dtype=torch.float64) * 2 - 1) * 1.4).requires_grad_()
+    table = enc.table
+    assert torch.autograd.gradcheck(lambda p: enc(p), (x,), eps=1e-7, atol=1e-6)
+    # Table gradient: the encoding is linear in the table, so J^T g is exact.
+    sel = torch.randn(2, 5, 12, dtype=torch.float64)
+    (enc(x.detach()) * sel).sum().backward()
+    with torch.no_grad():
+        delta = torch.randn_like(table)
+        lhs = (enc.table.grad * delta).sum()
+        enc.table += delta
+        plus = (enc(x.detach()) * sel).sum()
+        enc.table -= delta
+        base = (enc(x.detach()) * sel).sum()
+    torch.testing.assert_close(plus - base, lhs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("base_resolution,log2", [(8, 12), (64, 10)])  # dense, hashed
+def test_exact_at_grid_vertices(base_resolution, log2):
+    enc = make(n_levels=1, base_resolution=base_resolution, log2_hashmap_size=log2, bound=2.0)
+    res, size = base_resolution, 2**log2
+    torch.manual_seed(2)
+    k = torch.randint(0, res + 1, (1, 50, 3))
+    x = k.double() / res * 4.0 - 2.0
+    if (res + 1) ** 3 <= size:
+        rows = k[..., 0] + k[..., 1] * (res + 1) + k[..., 2] * (res + 1) ** 2
+    else:
+        h = k[..., 0] ^ (k[..., 1] * 2654435761) ^ (k[..., 2] * 805459861)
+        rows = h % size
+    expected = enc.table[0, rows.reshape(-1)].reshape(1, 50, 2)
+    torch.testing.assert_close(enc(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_continuous_across_cell_boundaries_of_every_level():
+    enc = make()
+    torch.manual_seed(3)
+    delta = 1e-9
+    for res in enc._res.tolist():
+        x = (torch.rand(1, 64, 3, dtype=torch.float64) * 2 - 1) * 1.5
+        k = torch.randint(1, res, (64,)).double()
+        x[0, :, 0] = k / res * 3.0 - 1.5  # on a cell face of this level along x
+        lo, hi = x.clone(), x.clone()
+        lo[..., 0] -= delta
+        hi[..., 0] += delta
+        # Slope <= N_max / (2*bound) * 2*max|table| ~ 1e2, so a jump of 2e-9 moves < 1e-6;
+        # a discontinuity (wrong corner or index at the face) would move O(1).
+        assert (enc(hi) - enc(lo)).abs().max() < 1e-6
+
+
+def test_clamps_outside_the_bound():
+    enc = make()
+    torch.manual_seed(4)
+    x = (torch.rand(2, 100, 3, dtype=torch.float64) * 2 - 1) * 4.0
+    inside = x.clamp(-1.5, 1.5)
+    torch.testing.assert_close(enc(x), enc(inside), rtol=0, atol=1e-12)
+    x.requires_grad_()
+    enc(x).sum().backward()
+    outside = x.detach().abs() > 1.5
+    assert outside.any() and (x.grad[outside] == 0).all()
+
+
+def test_instances_are_isolated():
+    enc = make(num_instances=4)
+    x = torch.rand(3, 50, 3, dtype=torch.float64) * 3 - 1.5
+    enc(x, torch.tensor([0, 2, 0])).sum().backward()
+    grad_norm = enc.table.grad.abs().sum(dim=(1, 2))
+    assert grad_norm[0] > 0 and grad_norm[2] > 0
+    assert grad_norm[1] == 0 and grad_norm[3] == 0
+    with pytest.raises(ValueError):
+        enc(x)  # ids are required with several instances
+
+
+def test_import_without_tinycudann_in_fresh_interpreter():
+    code = ("import sys; sys.modules['tinycudann'] = None\n"
+            "import amortized3d.generators as g\n"
+            "e = g.HashGridEncoding(n_levels=2, log2_hashmap_size=8, implementation='auto')\n"
+            "assert e.implementation == 'torch', e.implementation\n"
+            "assert sys.modules['tinycudann'] is None\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_tcnn_request_warns_and_falls_back(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tinycudann", None)  # import raises ImportError
+    real_status = enc_mod.tcnn_status
+    real_status.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="tinycudann cannot be imported"):
+            enc = HashGridEncoding(**SMALL, implementation="tcnn")
+        assert enc.implementation == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert HashGridEncoding(**SMALL, implementation="auto").implementation == "torch"
+        # Even when the import works, CPU-only machines and multi-instance grids fall back.
+        monkeypatch.setattr(enc_mod, "tcnn_status", lambda: (True, "ok"))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+            assert HashGridEncoding(**SMALL, implementation="tcnn").implementation == "torch"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.warns(RuntimeWarning, match="num_instances=2"):
+            assert HashGridEncoding(**SMALL, num_instances=2, implementation="tcnn").implementation == "torch"
+    finally:
+        real_status.cache_clear()
+
+
+def test_state_dict_round_trip_keeps_implementation_tag():
+    enc = make()
+    state = enc.state_dict()
+    assert state["_extra_state"]["implementation"] == "torch"
+    other = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(state)
+    torch.testing.assert_close(other.table, enc.table)
+    state["_extra_state"] = {"implementation": "tcnn", "format": 1}
+    with pytest.warns(RuntimeWarning, match="not interchangeable"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_backend_on_cuda_matches_cpu():
+    enc = make(num_instances=2).float()
+    x = torch.rand(2, 4096, 3) * 3 - 1.5
+    ids = torch.tensor([1, 0])
+    cpu = enc(x, ids)
+    gpu = enc.cuda()(x.cuda(), ids.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tcnn_backend_agrees_with_torch():
+    """tcnn's HashGrid places its vertices differently (scale b*s^l - 1, half-cell offset),
+    so tables cannot be copied; compare what does not depend on the layout instead."""
+    pytest.importorskip("tinycudann")
+    enc_mod.tcnn_status.cache_clear()
+    cfg = dict(n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16,
+               per_level_scale=1.447, bound=2.0)
+    tc = HashGridEncoding(**cfg, implementation="tcnn").cuda()
+    th = HashGridEncoding(**cfg, implementation="torch").cuda()
+    assert tc.implementation == "tcnn" and th.implementation == "torch"
+    x = (torch.rand(2, 8192, 3, device="cuda") * 2 - 1) * 2.0
+    # 1) Trilinear weights are a partition of unity: a constant table gives that constant.
+    with torch.no_grad():
+        tc.tcnn_encoding.params.fill_(0.5)
+        th.table.fill_(0.5)
+    torch.testing.assert_close(tc(x), torch.full_like(tc(x), 0.5), rtol=0, atol=1e-3)
+    torch.testing.assert_close(th(x), torch.full_like(th(x), 0.5), rtol=0, atol=1e-6)
+    # 2) Same init distribution -> same output statistics, and gradients reach both tables.
+    with torch.no_grad():
+        tc.tcnn_encoding.params.normal_(0, 1.0)
+        th.table.normal_(0, 1.0)
+    a, b = tc(x), th(x)
+    assert a.shape == b.shape == (2, 8192, 32)
+    assert abs(a.std().item() - b.std().item()) < 0.15 * b.std().item()
+    a.square().sum().backward()
+    assert tc.tcnn_encoding.params.grad.abs().sum() > 0
+    assert tc.state_dict()["_extra_state"]["implementation"] == "tcnn"
