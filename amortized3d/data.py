@@ -105,7 +105,7 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.stream: PromptStream | None = None
+        self.start_step = 0  # set from the checkpoint on resume, before the loader is built
 
     def layout(self, world_size: int) -> ShardLayout:
         return ShardLayout(len(self.train_prompts), self.batch_size, world_size, self.seed, self.shuffle)
@@ -113,12 +113,9 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.stream = PromptStream(self.layout(world), rank)
-        return DataLoader(self.stream, batch_size=None, num_workers=0)
+        stream = PromptStream(self.layout(world), rank)
+        stream.start_step = self.start_step
+        return DataLoader(stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ValidationPrompts(self.val_prompts), batch_size=None, num_workers=0)
-
-    def set_start_step(self, step: int) -> None:
-        if self.stream is not None:
-            self.stream.start_step = step

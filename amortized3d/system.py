@@ -178,11 +178,6 @@ class AmortizedSystem(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(prompts))
         return loss.detach()
 
-    def on_train_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "set_start_step"):
-            datamodule.set_start_step(self.batch_index)
-
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.trainer.datamodule.val_prompts
@@ -214,6 +209,10 @@ class AmortizedSystem(L.LightningModule):
         state = checkpoint.get("amortized3d", {})
         self.batch_index = int(state.get("batch_index", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        # Lightning restores the model before it builds the dataloaders: start the stream here.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_step"):
+            datamodule.start_step = self.batch_index
         self._pending_aux_state = state.get("auxiliary_optimizer")
 
     def on_fit_start(self) -> None:

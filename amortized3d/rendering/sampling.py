@@ -18,7 +18,7 @@ def uniform(shape: tuple[int, ...], *, generator: torch.Generator | None, device
     return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
 
 
-def stratified_samples(batch_shape: tuple[int, ...], num_samples: int, near: float, far: float, *,
+def stratified_samples(batch_shape: tuple[int, ...], num_samples: int, near: float | Tensor, far: float | Tensor, *,
                        jitter: bool, generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """One sample per equal bin of [near, far], sorted, shape ``batch_shape + (num_samples,)``.
@@ -27,6 +27,7 @@ def stratified_samples(batch_shape: tuple[int, ...], num_samples: int, near: flo
     without it the sample is the bin midpoint, so evaluation renders are deterministic.
     """
     device = torch.device(device)
+    # near/far are scalars or per-ray tensors [..., 1] (e.g. a bounding-sphere intersection).
     width = (far - near) / num_samples
     lower = near + width * torch.arange(num_samples, device=device, dtype=dtype)
     shape = (*batch_shape, num_samples)

@@ -48,7 +48,7 @@ class VolumeRenderer(nn.Module):
     def __init__(self, near: float = 0.1, far: float = 4.0, num_samples: int = 128, num_importance: int = 64,
                  density: str = "volsdf", volsdf_inv_std: float = 30.0,
                  nerf_density_activation: str = "softplus", normal_eps: float = 0.01,
-                 chunk_rays: int | None = None) -> None:
+                 chunk_rays: int | None = None, bound_radius: float | None = None) -> None:
         super().__init__()
         if not 0.0 <= near < far:
             raise ValueError(f"need 0 <= near < far, got near={near}, far={far}")
@@ -69,11 +69,35 @@ class VolumeRenderer(nn.Module):
         self.nerf_density_activation = nerf_density_activation
         self.normal_eps = float(normal_eps)
         self.chunk_rays = chunk_rays
+        if bound_radius is not None and bound_radius <= 0:
+            raise ValueError(f"bound_radius must be positive or None, got {bound_radius}")
+        # Samples only where the scene can be: [near, far] clipped to this sphere per ray.
+        self.bound_radius = bound_radius
 
     def extra_repr(self) -> str:
         return (f"near={self.near}, far={self.far}, samples={self.num_samples}+{self.num_importance}, "
                 f"density={self.density}, inv_std={self.volsdf_inv_std}, "
-                f"activation={self.nerf_density_activation}, chunk_rays={self.chunk_rays}")
+                f"activation={self.nerf_density_activation}, chunk_rays={self.chunk_rays}, "
+                f"bound_radius={self.bound_radius}")
+
+    def ray_bounds(self, origins: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-ray [near, far] as [...,1] tensors: the global range clipped to the bounding sphere.
+
+        Rays that miss the sphere get an empty interval (near == far), so every sample has a zero
+        interval length and the ray stays transparent at no extra cost in code paths.
+        """
+        near = torch.full_like(origins[..., :1], self.near)
+        far = torch.full_like(origins[..., :1], self.far)
+        if self.bound_radius is None:
+            return near, far
+        b = (origins * directions).sum(-1, keepdim=True)  # unit directions
+        c = (origins * origins).sum(-1, keepdim=True) - self.bound_radius**2
+        disc = b * b - c
+        root = disc.clamp(min=0.0).sqrt()
+        near = torch.maximum(near, -b - root)
+        far = torch.minimum(far, -b + root)
+        far = torch.where(disc > 0, torch.maximum(far, near), near)
+        return near, far
 
     def sigma(self, geometry: Tensor) -> Tensor:
         """Density from the field's geometry output (SDF or raw density)."""
@@ -136,7 +160,7 @@ class VolumeRenderer(nn.Module):
             raise ValueError(f"renderer density {self.density!r} cannot render a field of kind "
                              f"{field.kind!r}; set the renderer's density to {expected!r}")
 
-    def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor,
+    def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor, far: Tensor,
                   generator: torch.Generator | None) -> Tensor:
         """Importance samples [B,R,num_importance] from the stratified proposal ``t``.
 
@@ -147,18 +171,19 @@ class VolumeRenderer(nn.Module):
         with torch.no_grad():
             points = origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]
             geometry, _ = field.query(points.reshape(b, r * s, 3))
-            weights, _ = composite_weights(self.sigma(geometry.to(t.dtype).reshape(b, r, s)), t, self.far)
-            bins = torch.cat([t, torch.full_like(t[..., :1], self.far)], dim=-1)
+            weights, _ = composite_weights(self.sigma(geometry.to(t.dtype).reshape(b, r, s)), t, far)
+            bins = torch.cat([t, far.expand_as(t[..., :1])], dim=-1)
             return sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
                               generator=generator)
 
     def _render_rays(self, field: Field, origins: Tensor, directions: Tensor, with_gradient: bool,
                      compute_normals: bool, generator: torch.Generator | None) -> _RayResults:
         b, r, _ = origins.shape
-        t = stratified_samples((b, r), self.num_samples, self.near, self.far, jitter=self.training,
+        near, far = self.ray_bounds(origins, directions)
+        t = stratified_samples((b, r), self.num_samples, near, far, jitter=self.training,
                                generator=generator, device=origins.device, dtype=origins.dtype)
         if self.num_importance > 0:
-            t_fine = self._proposal(field, origins, directions, t, generator)
+            t_fine = self._proposal(field, origins, directions, t, far, generator)
             t = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
         s = t.shape[-1]
         points = (origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]).reshape(b, r * s, 3)
@@ -172,7 +197,7 @@ class VolumeRenderer(nn.Module):
         # Composite in the rays' dtype (fp32) even when the field ran under autocast:
         # cumulative optical depth in fp16/bf16 loses the transmittance of long rays.
         geometry, albedo = geometry.to(t.dtype), albedo.to(t.dtype)
-        weights, _ = composite_weights(self.sigma(geometry.reshape(b, r, s)), t, self.far)  # [B,R,S]
+        weights, _ = composite_weights(self.sigma(geometry.reshape(b, r, s)), t, far)  # [B,R,S]
 
         color = (weights[..., None] * albedo.reshape(b, r, s, 3)).sum(dim=2)
         normal = eikonal_sum = None

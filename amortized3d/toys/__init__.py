@@ -1,0 +1,1 @@
+"""Low-dimensional experiments that isolate a distillation objective from 3D rendering."""

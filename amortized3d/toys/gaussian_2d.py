@@ -1,0 +1,201 @@
+"""The L²-VSD paper's 2D Gaussian experiment (§3.2, Fig. 2, App. F) with the project's own classes.
+
+theta = a Gaussian q = N(m_q, S_q S_q^T) whose reparameterised samples x = m_q + S_q c play the
+role of renders; the "pretrained" prior p is a ``GaussianPrior`` (exact eps); the "LoRA" r is a
+``GaussianScoreModel`` trained by denoising score matching. The guidances are the real
+``SDSGuidance`` / ``VSDGuidance`` / ``LVSDGuidance`` / ``L2VSDGuidance``; ``run`` only mirrors the
+system's update order (``amortized3d.system.AmortizedSystem.training_step``), so what is measured
+here is the objectives themselves. Reported: ||m_q - m_p||, ||Cov_q - Cov_p||_F and W2(q, p).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from amortized3d.cameras import sample_cameras
+from amortized3d.data import step_generator
+from amortized3d.guidance.base import Guidance, GuidanceInput
+from amortized3d.guidance.sds import SDSGuidance
+from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance
+from amortized3d.optim import build_optimizer
+from amortized3d.priors.gaussian import GaussianPrior
+from amortized3d.priors.score_models import GaussianScoreModel
+
+METHODS = ("sds", "vsd", "lvsd", "l2vsd")
+PROMPT = "p"
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    steps: int = 400
+    num_particles: int = 4  # "renders" per step (the paper's N_render = 4, App. A Fig. 11)
+    lr: float = 5e-2  # Adam lr of q (cosine schedule with warmup, as in App. F)
+    warmup_steps: int = 20
+    score_optimizer: str = "sgd"  # of r; plain SGD makes L-VSD's lookahead the exact step L²-VSD linearises
+    score_lr: float = 1.0
+    score_steps: int = 1  # gamma
+    eta: float | None = None  # L²-VSD lookahead step; None: score_lr (the step L-VSD takes)
+    t_min: float = 0.02
+    t_max: float = 0.98
+    init_distance: float = 10.0  # q's mean starts at p's mean + U[0, 1)^d * init_distance (App. F)
+    dim: int = 2
+    seed: int = 0
+
+
+class GaussianParticles(nn.Module):
+    """q = N(mean, S S^T) with a full factor S, sampled by reparameterisation (App. F)."""
+
+    def __init__(self, mean: Tensor, factor: Tensor):
+        super().__init__()
+        self.mean = nn.Parameter(mean.clone())
+        self.factor = nn.Parameter(factor.clone())
+
+    def covariance(self) -> Tensor:
+        return self.factor @ self.factor.T
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        c = torch.randn(n, self.mean.shape[0], generator=generator, dtype=self.mean.dtype)
+        return self.mean + c @ self.factor.T
+
+
+def make_problem(cfg: ToyConfig) -> tuple[GaussianPrior, GaussianParticles]:
+    """p and the initial q drawn as in App. F: m_p ~ U[0,1)^d, S_p = U[0,1)^{dxd} + I, S_q ~ U[0,1)^{dxd}."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    d = cfg.dim
+    p_mean = torch.rand(d, generator=g, dtype=torch.float64)
+    p_factor = torch.rand(d, d, generator=g, dtype=torch.float64) + torch.eye(d, dtype=torch.float64)
+    q_mean = torch.rand(d, generator=g, dtype=torch.float64) * cfg.init_distance + p_mean
+    q_factor = torch.rand(d, d, generator=g, dtype=torch.float64)
+    prior = GaussianPrior(p_mean[None], (p_factor @ p_factor.T)[None], [PROMPT])
+    return prior, GaussianParticles(q_mean, q_factor)
+
+
+def build_guidance(method: str, prior: GaussianPrior, cfg: ToyConfig) -> Guidance:
+    common = dict(guidance_scale=1.0, t_min=cfg.t_min, t_max=cfg.t_max, weighting="sds")
+    if method == "sds":
+        return SDSGuidance(prior, **common)
+    # r starts at N(0, I), like the paper's zero-initialised r (a zero factor has no DSM gradient).
+    score = GaussianScoreModel(cfg.dim).double()
+    opt = {"name": cfg.score_optimizer, "lr": cfg.score_lr}
+    if method == "vsd":
+        return VSDGuidance(prior, score, score_steps=cfg.score_steps, score_optimizer=opt, **common)
+    if method == "lvsd":
+        return LVSDGuidance(prior, score, score_steps=cfg.score_steps, score_optimizer=opt, **common)
+    if method == "l2vsd":
+        return L2VSDGuidance(prior, score, eta=cfg.eta or cfg.score_lr, score_steps=cfg.score_steps, score_optimizer=opt, **common)
+    raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+
+
+def gaussian_w2(m1: Tensor, c1: Tensor, m2: Tensor, c2: Tensor) -> float:
+    """2-Wasserstein distance between N(m1, c1) and N(m2, c2) (closed form)."""
+    def sqrtm(c: Tensor) -> Tensor:
+        w, v = torch.linalg.eigh((c + c.T) / 2)
+        return (v * w.clamp(min=0).sqrt()) @ v.T
+    s2 = sqrtm(c2)
+    cross = sqrtm(s2 @ c1 @ s2)
+    w2sq = (m1 - m2).pow(2).sum() + torch.trace(c1 + c2 - 2 * cross)
+    return math.sqrt(max(float(w2sq), 0.0))
+
+
+def distances(q: GaussianParticles, prior: GaussianPrior) -> dict[str, float]:
+    with torch.no_grad():
+        mq, cq = q.mean.detach(), q.covariance().detach()
+        mp, cp = prior.means[0], prior.covariances[0]
+        return {"mean_error": float((mq - mp).norm()), "cov_error": float(torch.linalg.matrix_norm(cq - cp)),
+                "w2": gaussian_w2(mq, cq, mp, cp), "cov_q_trace": float(torch.trace(cq)),
+                "cov_p_trace": float(torch.trace(cp))}
+
+
+def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:  # App. F's get_cosine_schedule_with_warmup (cycle over 1.5x the run)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, int(1.5 * total) - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return factor
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """2x2 problems: intra-op threads only add synchronisation (1000x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(method: str, cfg: ToyConfig = ToyConfig(), log_every: int = 0) -> dict:
+    """Optimise q with one guidance for ``cfg.steps`` steps; final distances (+ a trajectory)."""
+    with single_thread():
+        return _run(method, cfg, log_every)
+
+
+def _run(method: str, cfg: ToyConfig, log_every: int) -> dict:
+    prior, q = make_problem(cfg)
+    guidance = build_guidance(method, prior, cfg)
+    opt = torch.optim.Adam(q.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    groups = guidance.auxiliary_parameter_groups()
+    aux_opt = build_optimizer(groups, guidance.auxiliary_optimizer_config()) if groups else None
+    n, order = cfg.num_particles, guidance.update_order
+    cameras = sample_cameras(n, 1, generator=torch.Generator().manual_seed(cfg.seed))  # ignored by r
+    text_emb = torch.zeros(n, 1, dtype=torch.float64)
+    trajectory = []
+
+    def inputs(x: Tensor, step: int, stream: str, detach: bool = False) -> GuidanceInput:
+        return GuidanceInput(rgb=x.detach() if detach else x, cameras=cameras, prompts=[PROMPT] * n, step=step,
+                             generator=step_generator(cfg.seed, step, 0, stream), text_emb=text_emb)
+
+    def score_updates(x: Tensor, step: int) -> None:  # the system's _auxiliary_steps
+        for i in range(guidance.score_steps):
+            aux = guidance.auxiliary_loss(inputs(x, step, f"aux{i}", detach=True))
+            aux_opt.zero_grad(set_to_none=True)
+            sum(v.mean() for v in aux.losses.values()).backward()
+            aux_opt.step()
+
+    for step in range(cfg.steps):
+        x = q.sample(n, step_generator(cfg.seed, step, 0, "particles"))
+        if order == "before":
+            score_updates(x, step)
+        out = guidance(inputs(x, step, "guidance"))
+        loss = sum(v.mean() for v in out.losses.values())
+        if order == "joint":
+            aux = guidance.auxiliary_loss(inputs(x, step, "aux0", detach=True))
+            loss = loss + sum(v.mean() for v in aux.losses.values())
+            aux_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if order == "joint":
+            aux_opt.step()
+        if order == "after":
+            score_updates(x, step)
+        if log_every and (step % log_every == 0 or step == cfg.steps - 1):
+            trajectory.append({"step": step, **distances(q, prior)})
+    return {"method": method, "config": asdict(cfg), **distances(q, prior), "trajectory": trajectory}
+
+
+def compare(methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0,), cfg: ToyConfig = ToyConfig(),
+            log_every: int = 0) -> list[dict]:
+    """``run`` for every method and seed with otherwise identical settings."""
+    return [run(m, replace(cfg, seed=s), log_every) for s in seeds for m in methods]
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """Mean over seeds per method: mean error, covariance error, W2, trace of Cov_q vs Cov_p."""
+    rows = ["method  seeds  |m_q-m_p|  |C_q-C_p|_F      W2   tr C_q   tr C_p"]
+    for m in dict.fromkeys(r["method"] for r in results):
+        rs = [r for r in results if r["method"] == m]
+        avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("mean_error", "cov_error", "w2", "cov_q_trace",
+                                                              "cov_p_trace")}
+        rows.append(f"{m:<7} {len(rs):>5}  {avg['mean_error']:>9.4f}  {avg['cov_error']:>10.4f}  "
+                    f"{avg['w2']:>6.4f}  {avg['cov_q_trace']:>7.4f}  {avg['cov_p_trace']:>7.4f}")
+    return "\n".join(rows)

@@ -1,0 +1,57 @@
+"""Shared test helpers: compose the project's real Hydra configs with tiny, fast overrides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
+
+# A 16 px world with few references and samples: every part of the real pipeline, in seconds.
+TINY = [
+    "data.batch_size=2",
+    "prior.render.resolution=16",
+    "prior.render.num_samples=8",
+    "prior.render.num_importance=8",
+    "prior.model.views_per_object=8",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "~callbacks.progress_bar",
+    "evaluation.splits=[]",
+    "evaluation.videos=null",
+    "evaluation.num_views=4",
+    "system.val_views=2",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (text embeddings, reference renders) for the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tests share 2 cores with each other's processes; spinning OpenMP threads only slow them down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose(output_dir: Path, cache_dir: Path, *overrides: str, tiny: bool = True):
+    """The real `configs/train.yaml` composition, as `scripts/train.py` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    base = [f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}", f"paths.root_dir={ROOT}"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return hydra_compose("train", overrides=base + (TINY if tiny else []) + list(overrides))
