@@ -10,49 +10,13 @@ import pytest
 import torch
 
 from amortized3d.generators import encodings as enc_mod
+from amortized3d.generators.encodings_reference import naive_hash_grid_reference
 from amortized3d.generators.encodings import HashGridEncoding
 
 # Small config with both dense and hashed levels: resolutions 4, 6, 10, 16, 26, 41;
 # T = 1024, so levels 0-1 are dense ((N+1)^3 = 125, 343) and levels 2-5 hashed.
 SMALL = dict(n_levels=6, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
              per_level_scale=1.6, bound=1.5)
-
-
-def naive_hash_grid_reference(x, table, instance_ids=None, *, n_levels, n_features_per_level,
-                              log2_hashmap_size, base_resolution, per_level_scale, bound):
-    """Obviously-correct Instant-NGP encoding: Python loops over levels and the 8 corners.
-
-    ``table`` [I, rows, F] holds the levels one after another: (N_l+1)^3 rows for a dense
-    level, T rows for a hashed one. The hash uses explicit uint32 arithmetic (mod 2^32).
-    """
-    size = 2**log2_hashmap_size
-    b = x.shape[0]
-    ids = torch.zeros(b, dtype=torch.long) if instance_ids is None else instance_ids
-    u = ((x + bound) / (2 * bound)).clamp(0, 1)
-    outs, offset = [], 0
-    for level in range(n_levels):
-        res = math.floor(base_resolution * per_level_scale**level)
-        dense = (res + 1) ** 3 <= size
-        pos = u * res
-        cell = pos.detach().floor().clamp(max=res - 1).long()
-        frac = pos - cell
-        acc = torch.zeros(*x.shape[:2], n_features_per_level, dtype=x.dtype)
-        for dx in (0, 1):
-            for dy in (0, 1):
-                for dz in (0, 1):
-                    cx, cy, cz = cell[..., 0] + dx, cell[..., 1] + dy, cell[..., 2] + dz
-                    if dense:
-                        idx = cx + cy * (res + 1) + cz * (res + 1) ** 2
-                    else:
-                        h = ((cx * 1) % 2**32) ^ ((cy * 2654435761) % 2**32) ^ ((cz * 805459861) % 2**32)
-                        idx = (h % 2**32) % size
-                    w = ((frac[..., 0] if dx else 1 - frac[..., 0])
-                         * (frac[..., 1] if dy else 1 - frac[..., 1])
-                         * (frac[..., 2] if dz else 1 - frac[..., 2]))
-                    acc = acc + w[..., None] * table[ids[:, None], offset + idx]
-        outs.append(acc)
-        offset += (res + 1) ** 3 if dense else size
-    return torch.cat(outs, dim=-1)
 
 
 def make(**kw) -> HashGridEncoding:
@@ -73,9 +37,10 @@ def test_layout_has_dense_and_hashed_levels():
 
 
 @pytest.mark.parametrize("num_instances", [1, 3])
-def test_matches_naive_reference_values_and_gradients(num_instances):
+@pytest.mark.parametrize("dense_levels", ["grid_sample", "gather"])
+def test_matches_naive_reference_values_and_gradients(num_instances, dense_levels):
     torch.manual_seed(0)
-    enc = make(num_instances=num_instances)
+    enc = make(num_instances=num_instances, dense_levels=dense_levels)
     x = (torch.rand(4, 300, 3, dtype=torch.float64) * 2 - 1) * 1.7  # some points outside bound
     ids = torch.tensor([2, 0, 2, 1]) % num_instances
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

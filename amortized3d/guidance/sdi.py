@@ -68,7 +68,8 @@ class SDIGuidance(Guidance):
                  inversion_steps: int = 10, inversion_noise: float = 0.3, tau_max: float = 0.1,
                  t_schedule: Any = ((0, 0.98), (10000, 0.25)), renoise: bool = True,
                  lambda_convexity: Any = 0.0, loss_weight: Any = 1.0):
-        # One deterministic t per step: the sampler's range collapses to the schedule's value.
+        # One deterministic t per step: the sampler's range collapses to the schedule's value
+        # (default: linear over the thesis' 10k-step runs; configs/guidance/sdi.yaml uses max_steps).
         super().__init__(prior, t_min=t_schedule, t_max=t_schedule, weighting="uniform", loss_weight=loss_weight)
         if inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {inversion_steps}")

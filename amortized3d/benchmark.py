@@ -1,0 +1,92 @@
+"""Speed and memory measurements reported as ratios measured in one run (machines are noisy).
+
+Each comparison interleaves its candidates over several rounds and reports medians, so a
+slow moment of the machine hits all candidates alike.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from amortized3d.generators.encodings import HashGridEncoding
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench_hash_grid(num_points: int = 65536, rounds: int = 5, **grid) -> list[dict]:
+    """Forward+backward of the torch hash grid (grid_sample dense levels, generic gather) vs the naive reference."""
+    from amortized3d.generators.encodings_reference import naive_reference_for
+
+    grid = {"n_levels": 8, "log2_hashmap_size": 16, "base_resolution": 8, "per_level_scale": 1.6, "bound": 1.0,
+            **grid}
+    torch.manual_seed(0)
+    x = torch.rand(1, num_points, 3) * 2 - 1
+    fast = HashGridEncoding(implementation="torch", dense_levels="grid_sample", **grid)
+    gather = HashGridEncoding(implementation="torch", dense_levels="gather", **grid)
+    gather.load_state_dict(fast.state_dict())
+
+    def step(fn):
+        return lambda: fn().sum().backward()
+
+    times = time_interleaved({
+        "torch (grid_sample dense levels)": step(lambda: fast(x)),
+        "torch (gather all levels)": step(lambda: gather(x)),
+        "naive reference (loop)": step(lambda: naive_reference_for(gather, x)),
+    }, rounds=rounds)
+    base = times["naive reference (loop)"]
+    return [{"benchmark": "hash grid fwd+bwd", "variant": k, "seconds": v, "points_per_s": num_points / v,
+             "speedup_vs_naive": base / v} for k, v in times.items()]
+
+
+def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = (), rounds: int = 5,
+                         cache_dir: str | None = None) -> list[dict]:
+    """Seconds per full training step (render + guidance + optimizer steps) per guidance, relative to SDS."""
+    from hydra import compose, initialize_config_dir
+
+    from amortized3d.train import build_system
+    from amortized3d.benchmark_steps import make_step_runner
+
+    root = Path(__file__).resolve().parents[1]
+    runners = {}
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        for name in guidances:
+            ov = ["paths.output_dir=/tmp/amortized3d-bench", f"guidance={name}", *overrides]
+            if cache_dir:
+                ov.append(f"paths.cache_dir={cache_dir}")
+            cfg = compose("train", overrides=ov)
+            system, _, _ = build_system(cfg)
+            runners[name] = make_step_runner(system, cfg)
+    for _ in range(rounds):  # round-robin, so a slow moment of the machine hits every guidance
+        for run in runners.values():
+            run()
+    times = {k: statistics.median(run.measured) for k, run in runners.items()}
+    base = times.get("sds", next(iter(times.values())))
+    return [{"benchmark": "training step", "variant": k, "seconds": v, "relative_to_sds": v / base}
+            for k, v in times.items()]
+
+
+def write_report(rows: list[dict], path: str | Path | None) -> str:
+    lines = []
+    for row in rows:
+        fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        lines.append(fields)
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=2))
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Time real training steps (the system's own ``training_step`` under a Lightning Trainer)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import lightning as L
+
+from amortized3d.data import PromptDataModule
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training batch (render, guidance, backward, optimizer steps)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds.append(time.perf_counter() - self._t0)
+
+
+def make_step_runner(system, cfg, steps_per_call: int = 2) -> Callable[[], None]:
+    """A callable that trains ``steps_per_call`` more steps; ``runner.timer.seconds`` collects step times.
+
+    The first step of each call is dropped (Trainer setup effects); calls continue the same run.
+    """
+    timer = StepTimer()
+    datamodule = PromptDataModule(system.train_prompts, system.train_prompts[:1], batch_size=cfg.data.batch_size,
+                                  seed=cfg.seed)
+    measured: list[float] = []
+
+    def run() -> None:
+        datamodule.start_step = system.batch_index
+        timer.seconds.clear()
+        trainer = L.Trainer(max_steps=steps_per_call + 1, accelerator=cfg.trainer.accelerator, devices=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            use_distributed_sampler=False, callbacks=[timer])
+        trainer.fit(system, datamodule=datamodule)
+        measured.extend(timer.seconds[1:])
+
+    run.measured = measured  # type: ignore[attr-defined]
+    return run

@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Speed/memory benchmarks as ratios measured in one run.
+
+    python scripts/benchmark.py                       # hash grid + training step per guidance
+    python scripts/benchmark.py --only hash_grid --json out.json
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amortized3d.benchmark import bench_hash_grid, bench_training_steps, write_report  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["hash_grid", "steps"], default=None)
+    parser.add_argument("--guidances", nargs="+", default=["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--points", type=int, default=65536)
+    parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the step benchmark")
+    parser.add_argument("--json", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    if args.only in (None, "hash_grid"):
+        rows += bench_hash_grid(args.points, rounds=args.rounds)
+    if args.only in (None, "steps"):
+        configs = Path(__file__).resolve().parents[1] / "configs" / "guidance"
+        missing = [g for g in args.guidances if not (configs / f"{g}.yaml").exists()]
+        if missing:
+            raise SystemExit(f"unknown guidances {missing}; valid: {sorted(p.stem for p in configs.glob('*.yaml'))}")
+        rows += bench_training_steps(args.guidances, args.override, rounds=args.rounds)
+    print(write_report(rows, args.json))
+
+
+if __name__ == "__main__":
+    main()
