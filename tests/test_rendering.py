@@ -276,3 +276,29 @@ def test_cuda_matches_cpu() -> None:
     gpu = renderer(field.cuda(), cams.to("cuda"), compute_normals=True)
     for key in ("rgb", "opacity", "depth", "normal"):
         assert torch.allclose(getattr(cpu, key), getattr(gpu, key).cpu(), atol=1e-4), key
+
+
+def test_bounding_sphere_clips_rays_without_changing_the_image() -> None:
+    """Samples restricted to the bounding sphere: same image in the limit, better at few samples."""
+    cams = cameras([0.0, 30.0], [0.0, 90.0], size=20)
+    sphere = SphereField([R, R])
+    reference = VolumeRenderer(num_samples=4096, num_importance=0).eval()(sphere, cams)
+    bounded = VolumeRenderer(num_samples=4096, num_importance=0, bound_radius=0.8).eval()(sphere, cams)
+    assert (bounded.opacity - reference.opacity).abs().max() < 2e-3
+    assert (bounded.rgb - reference.rgb).abs().max() < 2e-3
+
+    def depth_error(renderer: VolumeRenderer) -> float:
+        return (renderer.eval()(sphere, cams).depth - reference.depth).abs().mean().item()
+
+    # the same 16 stratified samples spent on a 1.6-long chord instead of the 3.9-long [near, far]
+    assert depth_error(VolumeRenderer(num_samples=16, num_importance=0, bound_radius=0.8)) < \
+        0.5 * depth_error(VolumeRenderer(num_samples=16, num_importance=0))
+
+
+def test_ray_bounds_of_missing_rays_are_empty() -> None:
+    renderer = VolumeRenderer(bound_radius=0.5)
+    origins = torch.tensor([[0.0, 0.0, 2.0], [0.0, 2.0, 2.0]])
+    directions = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, -1.0]])  # through the centre; missing
+    near, far = renderer.ray_bounds(origins, directions)
+    assert torch.allclose(near[0], torch.tensor([1.5])) and torch.allclose(far[0], torch.tensor([2.5]))
+    assert near[1].item() == far[1].item()

@@ -120,3 +120,13 @@ def test_package_imports_without_cuda_or_tinycudann():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_wandb_logger_works_offline(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(compose(tmp_path, cache_dir, "logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline wandb run under {tmp_path / 'wandb'}"
+    assert (tmp_path / "csv" / "metrics.csv").is_file()

@@ -38,6 +38,7 @@ class ToyConfig:
     warmup_steps: int = 20
     score_optimizer: str = "sgd"  # of r; plain SGD makes L-VSD's lookahead the exact step L²-VSD linearises
     score_lr: float = 1.0
+    score_betas: tuple[float, float] = (0.9, 0.999)  # when score_optimizer is adam
     score_steps: int = 1  # gamma
     eta: float | None = None  # L²-VSD lookahead step; None: score_lr (the step L-VSD takes)
     t_min: float = 0.02
@@ -82,6 +83,8 @@ def build_guidance(method: str, prior: GaussianPrior, cfg: ToyConfig) -> Guidanc
     # r starts at N(0, I), like the paper's zero-initialised r (a zero factor has no DSM gradient).
     score = GaussianScoreModel(cfg.dim).double()
     opt = {"name": cfg.score_optimizer, "lr": cfg.score_lr}
+    if cfg.score_optimizer in ("adam", "adamw"):
+        opt["betas"] = list(cfg.score_betas)
     if method == "vsd":
         return VSDGuidance(prior, score, score_steps=cfg.score_steps, score_optimizer=opt, **common)
     if method == "lvsd":
