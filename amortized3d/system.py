@@ -22,6 +22,7 @@ from amortized3d.generators.base import Generator
 from amortized3d.guidance.base import Guidance, GuidanceInput, GuidanceOutput
 from amortized3d.optim import build_optimizer, grads_are_finite
 from amortized3d.rendering import Background, RenderOutput, SolidBackground, VolumeRenderer
+from amortized3d.rendering.baked import BakedField
 from amortized3d.schedules import Scheduled
 from amortized3d.text.base import TextEncoder
 
@@ -71,10 +72,16 @@ class AmortizedSystem(L.LightningModule):
 
     def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,
                compute_normals: bool = False, regularizers: Sequence[str] = (),
-               generator: torch.Generator | None = None) -> RenderOutput:
-        """Render ``len(cameras) // len(prompts)`` views of each prompt (prompt-major cameras)."""
+               generator: torch.Generator | None = None, bake: tuple[int, float] | None = None) -> RenderOutput:
+        """Render ``len(cameras) // len(prompts)`` views of each prompt (prompt-major cameras).
+
+        ``bake=(resolution, bound)`` samples each field once on a voxel grid first (evaluation of
+        many views; see :class:`amortized3d.rendering.baked.BakedField`).
+        """
         text_emb, ids = self.embed(prompts)
         field = self.generator(text_emb, ids)
+        if bake is not None:
+            field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device)
         return self.renderer(field, cameras.to(self.device), background=background or self.eval_background,
                              compute_normals=compute_normals, regularizers=regularizers, generator=generator)
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import statistics
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from amortized3d.benchmark_steps import StepTimer
 from amortized3d.cameras import CameraRanges
 from amortized3d.checkpoint_io import AtomicCheckpointIO, atomic_write
 from amortized3d.corpora import load_corpus
@@ -83,15 +83,17 @@ def train(cfg: DictConfig) -> dict:
     system, prior, corpus = build_system(cfg)
     datamodule = PromptDataModule(system.train_prompts, corpus.unique(cfg.data.val_split),
                                   batch_size=cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    timer = StepTimer()
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=_instantiate_group(cfg.get("logger")) or False,
-        callbacks=_instantiate_group(cfg.get("callbacks")), plugins=[AtomicCheckpointIO()])
+        callbacks=[*_instantiate_group(cfg.get("callbacks")), timer], plugins=[AtomicCheckpointIO()])
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics: dict = {}
     if trainer.is_global_zero:
         metrics = evaluate_run(system, prior, corpus, cfg.evaluation, output_dir)
         metrics["training"] = {"steps": system.batch_index, "generator_updates": trainer.global_step,
                                "nonfinite_steps": system.nonfinite_steps,
+                               "seconds_per_step": statistics.median(timer.seconds[1:] or timer.seconds or [0.0]),
                                "generator": cfg.generator._target_.rsplit(".", 1)[-1],
                                "guidance": cfg.guidance.get("name")}
         atomic_write(output_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))

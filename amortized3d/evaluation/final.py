@@ -22,10 +22,17 @@ def slugify(prompt: str) -> str:
 
 
 @torch.no_grad()
-def render_turntable(system, prompt: str, cameras: CameraBatch) -> Tensor:
+def render_turntable(system, prompt: str, cameras: CameraBatch, bake: tuple[int, float] | None) -> Tensor:
     """[V,3,H,W] renders of one prompt (the renderer chunks rays)."""
     system.eval()
-    return system.render([prompt], cameras).rgb.cpu()
+    return system.render([prompt], cameras, bake=bake).rgb.cpu()
+
+
+def bake_settings(cfg: Any, renderer) -> tuple[int, float] | None:
+    """(grid resolution, bound) for evaluation renders, or None to query the field directly."""
+    if not cfg.get("bake_resolution"):
+        return None
+    return int(cfg.bake_resolution), float(renderer.bound_radius or cfg.get("bake_bound", 1.0))
 
 
 def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
@@ -34,31 +41,34 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     prompts_by_split = {s: list(corpus.unique(s)) for s in splits}
     renderable = {s: [p for p in ps if system.generator.supports_unseen_prompts or p in system.train_prompts]
                   for s, ps in prompts_by_split.items()}
+    bake = bake_settings(cfg, system.renderer)
     renders: dict[str, Tensor] = {}
     for prompt in dict.fromkeys(p for ps in renderable.values() for p in ps):
-        renders[prompt] = render_turntable(system, prompt, cameras)
-    metrics: dict[str, Any] = {"evaluation": {"num_views": cfg.num_views, "resolution": cfg.resolution}}
+        renders[prompt] = render_turntable(system, prompt, cameras, bake)
+    metrics: dict[str, Any] = {"evaluation": {"num_views": cfg.num_views, "resolution": cfg.resolution,
+                                              "baked_grid": bake[0] if bake else None}}
     world = getattr(prior, "world", None)
     if world is not None:
-        metrics["oracle"] = _oracle(world, system, corpus, cameras, renders, renderable)
+        metrics["oracle"] = _oracle(world, system, corpus, cameras, renders, renderable, bake)
     if cfg.get("videos"):
         video_dir = output_dir / "videos"
         for prompt in renderable.get(cfg.videos, corpus.unique(cfg.videos)):
             frames = renders.get(prompt)
             if frames is None:
-                frames = render_turntable(system, prompt, cameras)
+                frames = render_turntable(system, prompt, cameras, bake)
             write_video(frames, video_dir / f"{slugify(prompt)}.mp4", fps=cfg.video_fps)
         metrics["videos"] = str(video_dir)
     return metrics
 
 
 def _oracle(world, system, corpus, cameras: CameraBatch, renders: dict[str, Tensor],
-            renderable: dict[str, list[str]]) -> dict:
+            renderable: dict[str, list[str]], bake: tuple[int, float] | None) -> dict:
     all_prompts = list(dict.fromkeys(p for s in ("train", "val", "test") if s in corpus.splits
                                      for p in corpus.unique(s)))
     object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in all_prompts}))
     cams = CameraBatch.cat([cameras] * len(object_ids))
-    references = render_objects(world, object_ids, cams, system.renderer)
+    # Ground truth goes through the same renderer (and the same baking) as the generator.
+    references = render_objects(world, object_ids, cams, system.renderer, bake=bake)
     reference_objects = object_ids.repeat_interleave(len(cameras))
     train = set(corpus.unique("train"))
     out = {}

@@ -18,6 +18,7 @@ from amortized3d.cameras import CameraBatch, CameraRanges, make_cameras
 from amortized3d.checkpoint_io import atomic_write
 from amortized3d.priors.analytic import AnalyticPrior, ReferenceSet
 from amortized3d.rendering import SolidBackground, VolumeRenderer
+from amortized3d.rendering.baked import BakedField
 from amortized3d.scenes.primitives import PrimitivesWorld
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def reference_cameras(num_objects: int, views_per_object: int, resolution: int, 
 
 @torch.no_grad()
 def render_objects(world: PrimitivesWorld, object_ids: Tensor, cameras: CameraBatch, renderer: VolumeRenderer,
-                   objects_per_chunk: int = 4) -> Tensor:
+                   objects_per_chunk: int = 4, bake: tuple[int, float] | None = None) -> Tensor:
     """Renders [len(cameras),3,H,W]; cameras are object-major, ``len(cameras) // len(object_ids)`` each."""
     renderer = renderer.eval()
     views = len(cameras) // len(object_ids)
@@ -59,7 +60,10 @@ def render_objects(world: PrimitivesWorld, object_ids: Tensor, cameras: CameraBa
     for start in range(0, len(object_ids), objects_per_chunk):
         ids = object_ids[start:start + objects_per_chunk]
         cams = cameras.index(slice(start * views, (start + len(ids)) * views))
-        out.append(renderer(world.field(ids), cams, background=SolidBackground()).rgb.cpu())
+        field = world.field(ids)
+        if bake is not None:
+            field = BakedField(field, resolution=bake[0], bound=bake[1])
+        out.append(renderer(field, cams, background=SolidBackground()).rgb.cpu())
     return torch.cat(out)
 
 

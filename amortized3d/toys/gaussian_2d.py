@@ -43,6 +43,7 @@ class ToyConfig:
     eta: float | None = None  # L²-VSD lookahead step; None: score_lr (the step L-VSD takes)
     t_min: float = 0.02
     t_max: float = 0.98
+    score_init: str = "prior"  # r starts as p (a LoRA starts as the pretrained model) or "standard": N(0, I)
     init_distance: float = 10.0  # q's mean starts at p's mean + U[0, 1)^d * init_distance (App. F)
     dim: int = 2
     seed: int = 0
@@ -80,8 +81,13 @@ def build_guidance(method: str, prior: GaussianPrior, cfg: ToyConfig) -> Guidanc
     common = dict(guidance_scale=1.0, t_min=cfg.t_min, t_max=cfg.t_max, weighting="sds")
     if method == "sds":
         return SDSGuidance(prior, **common)
-    # r starts at N(0, I), like the paper's zero-initialised r (a zero factor has no DSM gradient).
-    score = GaussianScoreModel(cfg.dim).double()
+    if cfg.score_init == "prior":  # like a zero-initialised LoRA: r = p, so the first VSD gradient is 0
+        score = GaussianScoreModel(cfg.dim, prior.means[0], torch.linalg.cholesky(prior.covariances[0]))
+    elif cfg.score_init == "standard":  # N(0, I): the paper's r starts at 0 (but a zero factor has no DSM gradient)
+        score = GaussianScoreModel(cfg.dim)
+    else:
+        raise ValueError(f"score_init must be 'prior' or 'standard', got {cfg.score_init!r}")
+    score = score.double()
     opt = {"name": cfg.score_optimizer, "lr": cfg.score_lr}
     if cfg.score_optimizer in ("adam", "adamw"):
         opt["betas"] = list(cfg.score_betas)

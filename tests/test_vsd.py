@@ -1,0 +1,220 @@
+"""VSD / L-VSD / L²-VSD: the linearized lookahead maths, the distillation gradient and the hooks."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from amortized3d.cameras import sample_cameras
+from amortized3d.guidance.base import GuidanceInput
+from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
+from amortized3d.priors.gaussian import GaussianPrior
+from amortized3d.priors.score_models import GaussianScoreModel, ScoreModel, SmallUNetScoreModel
+
+D = 4
+
+
+def gaussian_prior(dim: int = D, shape=None, seed: int = 0) -> GaussianPrior:
+    g = torch.Generator().manual_seed(seed)
+    factor = torch.randn(dim, dim, generator=g, dtype=torch.float64) * 0.3 + torch.eye(dim, dtype=torch.float64)
+    return GaussianPrior(torch.randn(1, dim, generator=g, dtype=torch.float64), (factor @ factor.T)[None], ["p"],
+                         shape=shape)
+
+
+def score_model(kind: str) -> ScoreModel:
+    torch.manual_seed(0)
+    if kind == "gaussian":
+        return GaussianScoreModel(D, torch.randn(D), torch.eye(D) + 0.2 * torch.randn(D, D)).double()
+    m = SmallUNetScoreModel(in_channels=3, cond_dim=5, base_channels=8, channel_mults=(1, 2), resolution=4)
+    torch.nn.init.normal_(m.conv_out.weight, std=0.05)  # off the zero init: every layer gets a gradient
+    torch.nn.init.normal_(m.camera_proj.weight, std=0.05)
+    return m.double()
+
+
+def setup(kind: str, n: int = 3):
+    """(guidance-ready prior, model, x0, x_t, t, cond, camera) in float64."""
+    model = score_model(kind)
+    shape = (D,) if kind == "gaussian" else (3, 4, 4)
+    prior = gaussian_prior(D if kind == "gaussian" else 48, shape=shape)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([50, 400, 900][:n])
+    x_t = prior.schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
+    cond = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    camera = sample_cameras(n, 4, generator=g).embedding().double()
+    return prior, model, x0, x_t, t, cond, camera
+
+
+def make_input(x: torch.Tensor, n: int, seed: int = 0, step: int = 0) -> GuidanceInput:
+    cams = sample_cameras(n, 4, generator=torch.Generator().manual_seed(9))
+    return GuidanceInput(rgb=x, cameras=cams, prompts=["p"] * n, step=step,
+                         generator=torch.Generator().manual_seed(seed), text_emb=torch.zeros(n, 5, dtype=x.dtype))
+
+
+# --- L²-VSD: the linearized lookahead ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gaussian", "unet"])
+def test_delta_eps_first_is_the_directional_derivative(kind):
+    prior, model, x0, x_t, t, cond, cam = setup(kind)
+    guidance = L2VSDGuidance(prior, model, eta=0.1)
+    tangent = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
+    assert set(tangent) == set(model.trainable_parameters())
+    eps, delta = linearized_shift(model, tangent, x_t, t, cond, cam)
+    torch.testing.assert_close(eps, model.predict_noise(x_t, t, cond, cam))
+
+    def eps_at(h: float) -> torch.Tensor:
+        params = {n: p.detach() + h * tangent[n] for n, p in model.trainable_parameters().items()}
+        return functional_call(model, params, (x_t, t, cond, cam))
+
+    h = 1e-4
+    finite_diff = (eps_at(h) - eps_at(-h)) / (2 * h)
+    assert delta.norm() > 1e-6
+    torch.testing.assert_close(delta, finite_diff, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "unet"])
+def test_delta_eps_first_is_the_first_order_part_of_one_lookahead_sgd_step(kind):
+    """eps_{phi_1}(x_t) - eps_phi(x_t) - d_eps = O(eta^2), phi_1 = one SGD step of size eta (Eq. 7-9)."""
+    prior, model, x0, x_t, t, cond, cam = setup(kind)
+    guidance = L2VSDGuidance(prior, model)
+    residuals, firsts = [], []
+    for eta in (0.02, 0.01, 0.005, 0.0025):
+        guidance.eta = eta
+        tangent = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
+        eps0, delta = linearized_shift(model, tangent, x_t, t, cond, cam)
+        stepped = copy.deepcopy(model)  # L-VSD's lookahead: one plain SGD step on the same (t', eps') draw
+        opt = torch.optim.SGD(stepped.trainable_parameters().values(), lr=eta)
+        stepped.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            residuals.append((stepped.predict_noise(x_t, t, cond, cam) - eps0 - delta).norm().item())
+        firsts.append(delta.norm().item())
+    for i in range(len(firsts) - 1):
+        assert firsts[i] / firsts[i + 1] == pytest.approx(2.0, rel=1e-6)  # first order: linear in eta
+        assert 3.5 < residuals[i] / residuals[i + 1] < 4.5  # remainder: quadratic in eta
+    assert residuals[-1] < 0.05 * firsts[-1]
+
+
+def test_last_layer_only_uses_only_the_last_layer():
+    prior, model, x0, x_t, t, cond, cam = setup("unet")
+    full = L2VSDGuidance(prior, model, eta=0.1)
+    last = L2VSDGuidance(prior, model, eta=0.1, last_layer_only=True)
+    tangent = last.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
+    assert sorted(tangent) == sorted(model.last_layer_names())
+    full_tangent = full.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
+    for n in tangent:  # same gradient, restricted
+        torch.testing.assert_close(tangent[n], full_tangent[n])
+    masked = {n: (full_tangent[n] if n in tangent else torch.zeros_like(v)) for n, v in full_tangent.items()}
+    _, delta_last = linearized_shift(model, tangent, x_t, t, cond, cam)
+    _, delta_masked = linearized_shift(model, masked, x_t, t, cond, cam)
+    _, delta_full = linearized_shift(model, full_tangent, x_t, t, cond, cam)
+    torch.testing.assert_close(delta_last, delta_masked)
+    assert not torch.allclose(delta_last, delta_full)
+    # eps is affine in the output layer: a last-layer SGD step is *exactly* its linearization.
+    stepped = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in stepped.trainable_parameters().items():
+            p += tangent.get(n, torch.zeros_like(p))
+        torch.testing.assert_close(stepped.predict_noise(x_t, t, cond, cam),
+                                   model.predict_noise(x_t, t, cond, cam) + delta_last)
+
+
+def test_l2vsd_leaves_no_grad_and_logs_norms_linear_in_eta():
+    prior, model, x0, *_ = setup("gaussian")
+    logs = {}
+    for eta in (0.1, 0.2):
+        guidance = L2VSDGuidance(prior, model, eta=eta, guidance_scale=1.0)
+        x = x0.clone().requires_grad_(True)
+        out = guidance(make_input(x, 3, seed=5))
+        assert all(p.grad is None for p in model.parameters())  # the system's score step starts clean
+        out.losses["l2vsd"].sum().backward()
+        assert all(p.grad is None for p in model.parameters())  # no generator gradient reaches phi
+        logs[eta] = out.logs
+    assert logs[0.2]["delta_eps_norm"] == pytest.approx(2 * logs[0.1]["delta_eps_norm"].item(), rel=1e-9)
+    assert logs[0.2]["eps_phi_norm"] == pytest.approx(logs[0.1]["eps_phi_norm"].item(), rel=1e-12)
+
+
+# --- the VSD gradient -------------------------------------------------------------------------------
+
+def test_vsd_gradient_vanishes_when_the_score_model_is_the_prior():
+    prior = gaussian_prior()
+    mean, cov = prior.means[0], prior.covariances[0]
+    exact = GaussianScoreModel(D, mean.float(), torch.linalg.cholesky(cov).float()).double()
+    with torch.no_grad():  # exact float64 parameters (the constructor stores float32)
+        exact.mean.copy_(mean)
+        exact.scale_tril.copy_(torch.linalg.cholesky(cov))
+    x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
+    VSDGuidance(prior, exact, guidance_scale=1.0)(make_input(x, 5)).losses["vsd"].sum().backward()
+    assert x.grad.abs().max() < 1e-10
+    other = GaussianScoreModel(D).double()  # r != p: a non-zero gradient
+    x.grad = None
+    VSDGuidance(prior, other, guidance_scale=1.0)(make_input(x, 5)).losses["vsd"].sum().backward()
+    assert x.grad.abs().max() > 1e-3
+
+
+def test_vsd_gradient_is_weighted_prior_minus_score_model_eps():
+    prior, model, x0, *_ = setup("gaussian")
+    guidance = VSDGuidance(prior, model, guidance_scale=3.0, t_min=0.3, t_max=0.6)
+    x = x0.clone().requires_grad_(True)
+    out = guidance(make_input(x, 3, seed=11))
+    out.losses["vsd"].sum().backward()
+    inp = make_input(x0, 3, seed=11)  # replay the same draws
+    t, _, x_t = guidance.sample_noisy(x0, inp)
+    assert 300 <= t.min() and t.max() <= 600
+    eps_prior = prior.predict_noise(x_t, t, prior.text_condition(["p"] * 3), 3.0)
+    eps_phi = model.predict_noise(x_t, t, inp.text_emb, inp.cameras.embedding().double())
+    expected = guidance.weight(t).double()[:, None] * (eps_prior - eps_phi)
+    torch.testing.assert_close(x.grad, expected)
+    assert set(out.logs) >= {"grad_norm", "t_mean", "eps_phi_norm"}
+
+
+# --- hooks and update orders ------------------------------------------------------------------------
+
+def test_update_order_hooks():
+    prior, model, *_ = setup("gaussian")
+    after = VSDGuidance(prior, copy.deepcopy(model))
+    joint = VSDGuidance(prior, copy.deepcopy(model), update_order="joint")
+    assert (after.update_order, joint.update_order) == ("after", "joint")
+    assert LVSDGuidance(prior, copy.deepcopy(model), score_steps=3).update_order == "before"
+    assert L2VSDGuidance(prior, copy.deepcopy(model)).update_order == "after"
+    for bad in [lambda: VSDGuidance(prior, model, update_order="before"),
+                lambda: LVSDGuidance(prior, model, update_order="after"),
+                lambda: VSDGuidance(prior, model, update_order="joint", score_steps=2),
+                lambda: VSDGuidance(prior, model, score_steps=0),
+                lambda: L2VSDGuidance(prior, model, eta=0.0)]:
+        with pytest.raises(ValueError):
+            bad()
+    (group,) = after.auxiliary_parameter_groups()
+    assert [id(p) for p in group["params"]] == [id(p) for p in after.score_model.trainable_parameters().values()]
+    assert after.auxiliary_optimizer_config() == {"name": "adamw", "lr": 1e-4}
+    tuned = VSDGuidance(prior, copy.deepcopy(model), score_optimizer={"lr": 1e-3, "betas": [0.9, 0.99]})
+    assert tuned.auxiliary_optimizer_config() == {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99]}
+
+
+@pytest.mark.parametrize("order", ["after", "joint"])
+def test_auxiliary_loss_trains_only_the_score_model(order):
+    """'joint' (threestudio) adds the score loss to the generator backward; each part reaches only its own."""
+    prior, model, x0, *_ = setup("gaussian")
+    guidance = VSDGuidance(prior, model, update_order=order, guidance_scale=1.0)
+    x = x0.clone().requires_grad_(True)
+    aux = guidance.auxiliary_loss(make_input(x.detach(), 3, seed=2))
+    assert set(aux.losses) == {"score"} and aux.losses["score"].shape == (3,)
+    aux.losses["score"].mean().backward()
+    separate = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    total = guidance(make_input(x, 3, seed=1)).losses["vsd"].sum() \
+        + guidance.auxiliary_loss(make_input(x.detach(), 3, seed=2)).losses["score"].mean()
+    total.backward()
+    for p, g in zip(model.parameters(), separate):
+        torch.testing.assert_close(p.grad, g)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_score_model_must_match_the_prior_space():
+    prior = gaussian_prior(48, shape=(3, 4, 4))
+    with pytest.raises(ValueError, match="x0 space"):
+        VSDGuidance(prior, SmallUNetScoreModel(cond_dim=5, base_channels=8, resolution=8))
+    with pytest.raises(TypeError):
+        VSDGuidance(prior, torch.nn.Linear(2, 2))
