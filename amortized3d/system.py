@@ -72,20 +72,39 @@ class AmortizedSystem(L.LightningModule):
 
     def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,
                compute_normals: bool = False, regularizers: Sequence[str] = (),
-               generator: torch.Generator | None = None, bake: tuple[int, float] | None = None) -> RenderOutput:
+               generator: torch.Generator | None = None, bake: tuple[int, float] | None = None,
+               renderer: VolumeRenderer | None = None) -> RenderOutput:
         """Render ``len(cameras) // len(prompts)`` views of each prompt (prompt-major cameras).
 
         ``bake=(resolution, bound)`` samples each field once on a voxel grid first (evaluation of
-        many views; see :class:`amortized3d.rendering.baked.BakedField`).
+        many views; see :class:`amortized3d.rendering.baked.BakedField`); ``renderer`` replaces the
+        training renderer (e.g. an evaluation sample budget).
         """
         text_emb, ids = self.embed(prompts)
         field = self.generator(text_emb, ids)
         if bake is not None:
             field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device)
-        return self.renderer(field, cameras.to(self.device), background=background or self.eval_background,
+        return (renderer or self.renderer)(field, cameras.to(self.device), background=background or self.eval_background,
                              compute_normals=compute_normals, regularizers=regularizers, generator=generator)
 
     # --- optimisation ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # The auxiliary (score) model is updated in its own backward passes, in an order DDP's
+        # reducer does not expect; keep it out of the reducer and average its gradients ourselves.
+        aux = {id(p) for g in self.guidance.auxiliary_parameter_groups() for p in g["params"]}
+        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if id(p) in aux]
+
+    def _average_auxiliary_gradients(self) -> None:
+        if self.trainer.world_size == 1:
+            return
+        grads = [p.grad for g in self.auxiliary_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.trainer.world_size
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
     def configure_optimizers(self):
         aux_groups = self.guidance.auxiliary_parameter_groups()
         if aux_groups:  # owned here, not by Lightning: global_step must count generator updates only
@@ -124,6 +143,7 @@ class AmortizedSystem(L.LightningModule):
             loss, loss_logs = self._reduce(aux.losses, weights)
             self.auxiliary_optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
+            self._average_auxiliary_gradients()
             if self._all_finite(self.auxiliary_optimizer):
                 self.auxiliary_optimizer.step()
             logs = {**{f"aux/{k}": v for k, v in loss_logs.items()}, **{f"aux/{k}": v for k, v in aux.logs.items()}}
@@ -170,6 +190,8 @@ class AmortizedSystem(L.LightningModule):
         if self.auxiliary_optimizer is not None and order == "joint":
             self.auxiliary_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if order == "joint":
+            self._average_auxiliary_gradients()
         if self._all_finite(opt):
             opt.step()
             if order == "joint" and self._all_finite(self.auxiliary_optimizer):

@@ -27,6 +27,7 @@ TINY = [
     "evaluation.splits=[]",
     "evaluation.videos=null",
     "evaluation.num_views=4",
+    "evaluation.bake_resolution=32",
     "system.val_views=2",
 ]
 

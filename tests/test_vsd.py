@@ -5,9 +5,11 @@ import copy
 
 import pytest
 import torch
+from conftest import compose
 from torch.func import functional_call
 
 from amortized3d.cameras import sample_cameras
+from amortized3d.train import train
 from amortized3d.guidance.base import GuidanceInput
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
 from amortized3d.priors.gaussian import GaussianPrior
@@ -218,3 +220,23 @@ def test_score_model_must_match_the_prior_space():
         VSDGuidance(prior, SmallUNetScoreModel(cond_dim=5, base_channels=8, resolution=8))
     with pytest.raises(TypeError):
         VSDGuidance(prior, torch.nn.Linear(2, 2))
+
+
+# --- the real pipeline ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, overrides", [
+    ("vsd", []), ("lvsd", []), ("l2vsd", []),
+    pytest.param("vsd", ["guidance.update_order=joint", "guidance.score_model.prediction_type=v_prediction"],
+                 marks=pytest.mark.slow),
+    pytest.param("l2vsd", ["guidance.last_layer_only=true", "guidance.score_steps=2"], marks=pytest.mark.slow)])
+def test_end_to_end_smoke_through_hydra_and_train(tmp_path, cache_dir, name, overrides):
+    """Two real training steps through configs/guidance/<name>.yaml (tiny world); the score model
+    and its optimizer state are checkpointed with the run."""
+    cfg = compose(tmp_path, cache_dir, f"guidance={name}", "trainer.max_steps=2", "logger=none", *overrides)
+    metrics = train(cfg)
+    assert metrics["training"]["guidance"] == name and metrics["training"]["steps"] == 2
+    assert metrics["training"]["nonfinite_steps"] == 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "guidance.score_model.conv_out.weight" in ckpt["state_dict"]
+    assert not any(k.startswith("guidance.prior.") for k in ckpt["state_dict"])
+    assert ckpt["amortized3d"]["auxiliary_optimizer"]["state"]  # the score model was trained

@@ -1,6 +1,7 @@
 """End-of-run evaluation: turntable videos and oracle metrics, gathered into metrics.json."""
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from pathlib import Path
@@ -22,10 +23,22 @@ def slugify(prompt: str) -> str:
 
 
 @torch.no_grad()
-def render_turntable(system, prompt: str, cameras: CameraBatch, bake: tuple[int, float] | None) -> Tensor:
+def render_turntable(system, prompt: str, cameras: CameraBatch, bake: tuple[int, float] | None,
+                     renderer=None) -> Tensor:
     """[V,3,H,W] renders of one prompt (the renderer chunks rays)."""
     system.eval()
-    return system.render([prompt], cameras, bake=bake).rgb.cpu()
+    return system.render([prompt], cameras, bake=bake, renderer=renderer).rgb.cpu()
+
+
+def evaluation_renderer(renderer, cfg: Any):
+    """The training renderer with the evaluation sample budget (``evaluation.num_samples``...)."""
+    samples, importance = cfg.get("num_samples"), cfg.get("num_importance")
+    if samples is None and importance is None:
+        return renderer
+    out = copy.copy(renderer)
+    out.num_samples = int(samples if samples is not None else renderer.num_samples)
+    out.num_importance = int(importance if importance is not None else renderer.num_importance)
+    return out.eval()
 
 
 def bake_settings(cfg: Any, renderer) -> tuple[int, float] | None:
@@ -42,33 +55,35 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     renderable = {s: [p for p in ps if system.generator.supports_unseen_prompts or p in system.train_prompts]
                   for s, ps in prompts_by_split.items()}
     bake = bake_settings(cfg, system.renderer)
+    renderer = evaluation_renderer(system.renderer, cfg)
     renders: dict[str, Tensor] = {}
     for prompt in dict.fromkeys(p for ps in renderable.values() for p in ps):
-        renders[prompt] = render_turntable(system, prompt, cameras, bake)
+        renders[prompt] = render_turntable(system, prompt, cameras, bake, renderer)
     metrics: dict[str, Any] = {"evaluation": {"num_views": cfg.num_views, "resolution": cfg.resolution,
-                                              "baked_grid": bake[0] if bake else None}}
+                                              "baked_grid": bake[0] if bake else None,
+                                              "samples": [renderer.num_samples, renderer.num_importance]}}
     world = getattr(prior, "world", None)
     if world is not None:
-        metrics["oracle"] = _oracle(world, system, corpus, cameras, renders, renderable, bake)
+        metrics["oracle"] = _oracle(world, renderer, corpus, cameras, renders, renderable, bake)
     if cfg.get("videos"):
         video_dir = output_dir / "videos"
         for prompt in renderable.get(cfg.videos, corpus.unique(cfg.videos)):
             frames = renders.get(prompt)
             if frames is None:
-                frames = render_turntable(system, prompt, cameras, bake)
+                frames = render_turntable(system, prompt, cameras, bake, renderer)
             write_video(frames, video_dir / f"{slugify(prompt)}.mp4", fps=cfg.video_fps)
         metrics["videos"] = str(video_dir)
     return metrics
 
 
-def _oracle(world, system, corpus, cameras: CameraBatch, renders: dict[str, Tensor],
+def _oracle(world, renderer, corpus, cameras: CameraBatch, renders: dict[str, Tensor],
             renderable: dict[str, list[str]], bake: tuple[int, float] | None) -> dict:
     all_prompts = list(dict.fromkeys(p for s in ("train", "val", "test") if s in corpus.splits
                                      for p in corpus.unique(s)))
     object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in all_prompts}))
     cams = CameraBatch.cat([cameras] * len(object_ids))
     # Ground truth goes through the same renderer (and the same baking) as the generator.
-    references = render_objects(world, object_ids, cams, system.renderer, bake=bake)
+    references = render_objects(world, object_ids, cams, renderer, bake=bake)
     reference_objects = object_ids.repeat_interleave(len(cameras))
     train = set(corpus.unique("train"))
     out = {}

@@ -7,7 +7,7 @@ the L²-VSD paper). This module holds that model behind one small interface:
 - ``predict_noise`` (= ``forward``, so ``torch.func.functional_call`` returns eps) converts a
   v-prediction to eps through the shared noise schedule;
 - ``loss`` is the per-item denoising loss with t ~ U[0, T) and the camera dropped 10% of the
-  time (ProlificDreamer App. F), all randomness from a caller-supplied generator;
+  time (ProlificDreamer's public code), all randomness from a caller-supplied generator;
 - ``trainable_parameters`` / ``last_layer_names`` address parameters by name, which L²-VSD
   needs for its forward-mode product (``torch.func.jvp``) and last-layer approximation (§4.2).
 
@@ -125,9 +125,9 @@ class ResBlock(nn.Module):
 class SmallUNetScoreModel(ScoreModel):
     """A small UNet: one ResBlock per resolution, stride-2 downsampling, nearest upsampling.
 
-    Conditioning follows ProlificDreamer's LoRA branch (App. F): the text embedding is projected
-    and added to the timestep embedding, and so is the camera (Linear(16 -> emb), zero-initialised
-    so that the camera starts neutral). The output conv is zero-initialised: the model starts at
+    Conditioning follows ProlificDreamer's LoRA branch (App. F: camera added to the timestep
+    embedding): the text embedding is projected and added to the timestep embedding, and so is the
+    camera (Linear(16 -> emb), zero-initialised so that the camera starts neutral). The output conv is zero-initialised: the model starts at
     eps = 0 (epsilon) or at the N(0, I)-data answer sqrt(1-abar) x_t (v-prediction).
     """
 

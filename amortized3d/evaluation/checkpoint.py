@@ -1,0 +1,32 @@
+"""Rebuild a trained system from a checkpoint alone (its resolved config is stored inside)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+
+def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu"):
+    """(system, prior, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
+
+    Overrides may change what does not alter parameter shapes (evaluation settings, the cache
+    directory, the renderer's sample budget, ...).
+    """
+    from amortized3d.train import build_system
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected DIR/checkpoints/last.ckpt "
+                                "from scripts/train.py)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    config = ckpt.get("hyper_parameters", {}).get("config")
+    if not config:
+        raise ValueError(f"{path} holds no amortized3d config (hyper_parameters.config); was it written by "
+                         "scripts/train.py?")
+    cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
+    system, prior, corpus = build_system(cfg)
+    system.on_load_checkpoint(ckpt)
+    system.load_state_dict(ckpt["state_dict"])
+    return system.eval(), prior, corpus, cfg
