@@ -88,6 +88,9 @@ def train(cfg: DictConfig) -> dict:
         cfg.trainer, logger=_instantiate_group(cfg.get("logger")) or False,
         callbacks=[*_instantiate_group(cfg.get("callbacks")), timer], plugins=[AtomicCheckpointIO()])
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+        # ModelCheckpoint saves every N steps; the final state must be last.ckpt too (all ranks call).
+        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
     metrics: dict = {}
     if trainer.is_global_zero:
         metrics = evaluate_run(system, prior, corpus, cfg.evaluation, output_dir)

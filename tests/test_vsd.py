@@ -5,15 +5,15 @@ import copy
 
 import pytest
 import torch
-from conftest import compose
 from torch.func import functional_call
 
 from amortized3d.cameras import sample_cameras
-from amortized3d.train import train
 from amortized3d.guidance.base import GuidanceInput
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
 from amortized3d.priors.gaussian import GaussianPrior
 from amortized3d.priors.score_models import GaussianScoreModel, ScoreModel, SmallUNetScoreModel
+from amortized3d.train import train
+from conftest import compose
 
 D = 4
 
