@@ -208,8 +208,17 @@ class AmortizedSystem(L.LightningModule):
         return loss.detach()
 
     # --- validation -----------------------------------------------------------------------------
+    def renderable(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts this generator can render (per-prompt generators: only their training prompts)."""
+        if self.generator.supports_unseen_prompts:
+            return list(prompts)
+        known = set(self.train_prompts)
+        return [p for p in prompts if p in known]
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        prompts = self.trainer.datamodule.val_prompts
+        prompts = self.renderable(self.trainer.datamodule.val_prompts)
+        if not prompts:
+            return
         cams = orbit_cameras(self.val_views, self.val_resolution)
         all_prompts = [p for p in prompts for _ in range(self.val_views)]
         with torch.no_grad():

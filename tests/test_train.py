@@ -19,6 +19,15 @@ def _generator_state(ckpt_path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("generator.")}
 
 
+def test_per_prompt_ingp_trains_validates_and_skips_unseen_prompts(tmp_path, cache_dir):
+    metrics = train(compose(tmp_path, cache_dir, "generator=ingp", "evaluation.splits=[train,val]",
+                            "evaluation.num_views=4"))
+    assert metrics["training"]["generator"] == "IngpGenerator"
+    assert metrics["oracle"]["train"]["overall"]["num_prompts"] == 24
+    assert metrics["oracle"]["val"]["held_out"]["num_prompts"] == 0  # cannot render unseen prompts
+    assert metrics["oracle"]["val"]["seen"]["num_prompts"] == 6
+
+
 def test_train_writes_checkpoint_metrics_and_video(tmp_path, cache_dir):
     cfg = compose(tmp_path, cache_dir, "evaluation.splits=[train,val]", "evaluation.videos=val",
                   "evaluation.num_views=6")

@@ -52,8 +52,7 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     cameras = orbit_cameras(cfg.num_views, cfg.resolution, cfg.elevation_deg, cfg.distance, cfg.fovy_deg)
     splits: Sequence[str] = list(cfg.splits or [])
     prompts_by_split = {s: list(corpus.unique(s)) for s in splits}
-    renderable = {s: [p for p in ps if system.generator.supports_unseen_prompts or p in system.train_prompts]
-                  for s, ps in prompts_by_split.items()}
+    renderable = {s: system.renderable(ps) for s, ps in prompts_by_split.items()}
     bake = bake_settings(cfg, system.renderer)
     renderer = evaluation_renderer(system.renderer, cfg)
     renders: dict[str, Tensor] = {}
