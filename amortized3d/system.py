@@ -44,6 +44,8 @@ class AmortizedSystem(L.LightningModule):
         self.train_prompts = list(train_prompts)
         self.register_buffer("text_table", text_table.float(), persistent=False)
         self.optimizer_config = dict(optimizer)
+        # Multiplier of every group's base lr as a function of the step (a number or [[step, x], ...]).
+        self.lr_scale = Scheduled.parse(self.optimizer_config.pop("lr_scale", 1.0))
         self.loss_weights = {k: Scheduled.parse(v) for k, v in loss_weights.items()}
         self.views_per_prompt, self.resolution, self.camera_ranges = views_per_prompt, resolution, camera_ranges
         self.train_background = train_background or SolidBackground()
@@ -149,6 +151,12 @@ class AmortizedSystem(L.LightningModule):
             logs = {**{f"aux/{k}": v for k, v in loss_logs.items()}, **{f"aux/{k}": v for k, v in aux.logs.items()}}
         return logs
 
+    def _apply_lr_scale(self, optimizer) -> None:
+        scale = self.lr_scale(self.batch_index)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * scale
+
     def _all_finite(self, optimizer: torch.optim.Optimizer) -> bool:
         """Finite on every rank, or skip everywhere (and count it) so DDP replicas stay identical."""
         ok = torch.tensor(float(grads_are_finite(optimizer)), device=self.device)
@@ -193,6 +201,7 @@ class AmortizedSystem(L.LightningModule):
         if order == "joint":
             self._average_auxiliary_gradients()
         if self._all_finite(opt):
+            self._apply_lr_scale(opt)
             opt.step()
             if order == "joint" and self._all_finite(self.auxiliary_optimizer):
                 self.auxiliary_optimizer.step()

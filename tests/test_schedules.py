@@ -30,3 +30,17 @@ def test_timestep_sampler_anneals_and_stays_in_range():
     t = sampler.sample(10_000, 100, torch.Generator().manual_seed(0))
     assert int(t.min()) >= 20 and int(t.max()) <= 500
     assert abs(t.float().mean().item() - 260) < 5  # uniform on [20, 500]
+
+
+def test_lr_scale_schedule_sets_group_lrs_from_their_base():
+    from amortized3d.system import AmortizedSystem
+
+    opt = torch.optim.Adam([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 4e-3},
+                            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}])
+    holder = type("Holder", (), {})()
+    holder.lr_scale, holder.batch_index = Scheduled.parse([[0, 1.0], [100, 0.1]]), 50
+    AmortizedSystem._apply_lr_scale(holder, opt)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([4e-3 * 0.55, 1e-3 * 0.55])
+    holder.batch_index = 100
+    AmortizedSystem._apply_lr_scale(holder, opt)  # from the base lr, not compounded
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([4e-4, 1e-4])
