@@ -2,8 +2,9 @@
 
 The bar guards against regressions, not the README's target: measured runs of the default
 settings ended between R@1 0.39 (150 steps) and 0.97 (200 steps) because training is not yet
-stable (README), so the bar sits far above chance (1/30) and an untrained generator, and below
-every run measured so far. 12 evaluation views.
+stable (README), so the bar sits far above chance (1/30) and the untrained generator (measured:
+R@1 0.04 / PSNR 14.1 dB on train prompts, 0.00 / 14.2 dB held-out), and below every run measured
+so far. 12 evaluation views.
 """
 import json
 
