@@ -84,11 +84,8 @@ class PromptStream(IterableDataset):
             step += 1
 
 
-class ValidationPrompts(torch.utils.data.Dataset):
-    """A single batch naming the validation prompts (renders are made in the system)."""
-
-    def __init__(self, prompts: Sequence[str]):
-        self.prompts = list(prompts)
+class ValidationTick(torch.utils.data.Dataset):
+    """One item per validation run: the system renders ``datamodule.val_prompts`` itself."""
 
     def __len__(self) -> int:
         return 1
@@ -118,4 +115,4 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ValidationPrompts(self.val_prompts), batch_size=None, num_workers=0)
+        return DataLoader(ValidationTick(), batch_size=None, num_workers=0)

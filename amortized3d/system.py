@@ -27,6 +27,7 @@ from amortized3d.schedules import Scheduled
 from amortized3d.text.base import TextEncoder
 
 REGULARIZERS = ("sparsity", "opaque", "eikonal")
+FROZEN_PREFIX = "guidance.prior."  # the frozen prior is rebuilt from config, never checkpointed
 
 
 class AmortizedSystem(L.LightningModule):
@@ -42,6 +43,7 @@ class AmortizedSystem(L.LightningModule):
         self.generator, self.renderer, self.guidance = generator, renderer, guidance
         self.text_encoder = text_encoder
         self.train_prompts = list(train_prompts)
+        self._train_index = {p: i for i, p in enumerate(self.train_prompts)}
         self.register_buffer("text_table", text_table.float(), persistent=False)
         self.optimizer_config = dict(optimizer)
         # Multiplier of every group's base lr as a function of the step (a number or [[step, x], ...]).
@@ -61,8 +63,7 @@ class AmortizedSystem(L.LightningModule):
     # --- rendering ------------------------------------------------------------------------------
     def embed(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Text embeddings and prompt ids (train-corpus index, -1 when unseen) for any prompts."""
-        index = {p: i for i, p in enumerate(self.train_prompts)}
-        ids = torch.tensor([index.get(p, -1) for p in prompts], device=self.device)
+        ids = torch.tensor([self._train_index.get(p, -1) for p in prompts], device=self.device)
         if (ids >= 0).all():
             return self.text_table[ids], ids
         if not self.generator.supports_unseen_prompts:
@@ -221,8 +222,7 @@ class AmortizedSystem(L.LightningModule):
         """The prompts this generator can render (per-prompt generators: only their training prompts)."""
         if self.generator.supports_unseen_prompts:
             return list(prompts)
-        known = set(self.train_prompts)
-        return [p for p in prompts if p in known]
+        return [p for p in prompts if p in self._train_index]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.renderable(self.trainer.datamodule.val_prompts)
@@ -237,13 +237,10 @@ class AmortizedSystem(L.LightningModule):
         self.log("val/opacity", out.opacity.mean(), batch_size=len(all_prompts))
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _frozen_prefix(self) -> str:
-        return "guidance.prior."
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen prior (e.g. Stable Diffusion, GBs) is rebuilt from config, never checkpointed.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(self._frozen_prefix())}
+                                    if not k.startswith(FROZEN_PREFIX)}
         checkpoint["amortized3d"] = {"batch_index": self.batch_index, "nonfinite_steps": self.nonfinite_steps,
                                      "train_prompts": self.train_prompts,
                                      "text_encoder": getattr(self.text_encoder, "identity", None),
@@ -252,7 +249,7 @@ class AmortizedSystem(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self._frozen_prefix())})
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIX)})
         state = checkpoint.get("amortized3d", {})
         self.batch_index = int(state.get("batch_index", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))

@@ -66,7 +66,7 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
         metrics["oracle"] = _oracle(world, renderer, corpus, cameras, renders, renderable, bake)
     if cfg.get("videos"):
         video_dir = output_dir / "videos"
-        for prompt in renderable.get(cfg.videos, corpus.unique(cfg.videos)):
+        for prompt in renderable.get(cfg.videos) or system.renderable(corpus.unique(cfg.videos)):
             frames = renders.get(prompt)
             if frames is None:
                 frames = render_turntable(system, prompt, cameras, bake, renderer)
