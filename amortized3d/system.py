@@ -129,27 +129,42 @@ class AmortizedSystem(L.LightningModule):
         return total, logs
 
     def _guidance_input(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
-                        stream: str, detach: bool = False) -> GuidanceInput:
+                        stream: str, detach: bool = False,
+                        auxiliary_gradients: dict[str, Tensor] | None = None) -> GuidanceInput:
         extras = {"opacity": out.opacity, "normal": out.normal}
         if detach:
             extras = {k: (v.detach() if v is not None else None) for k, v in extras.items()}
         return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
                              step=self.batch_index, text_emb=text_emb, extras=extras,
-                             generator=step_generator(self.seed, self.batch_index, self.global_rank, stream))
+                             generator=step_generator(self.seed, self.batch_index, self.global_rank, stream),
+                             auxiliary_gradients=auxiliary_gradients)
+
+    def _auxiliary_backward(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
+                            weights: Tensor, index: int) -> dict:
+        """Gradient of the guidance's ``index``-th auxiliary loss on the detached renders, left in
+        the auxiliary parameters' ``.grad`` (averaged over ranks); returns the logs."""
+        aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, f"aux{index}", True))
+        loss, loss_logs = self._reduce(aux.losses, weights)
+        self.auxiliary_optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._average_auxiliary_gradients()
+        return {**{f"aux/{k}": v for k, v in loss_logs.items()}, **{f"aux/{k}": v for k, v in aux.logs.items()}}
 
     def _auxiliary_steps(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
-                         weights: Tensor) -> dict:
-        """``guidance.score_steps`` updates of the guidance's own model on the detached renders."""
+                         weights: Tensor, first_gradient_logs: dict | None = None) -> dict:
+        """``guidance.score_steps`` updates of the guidance's own model on the detached renders.
+
+        ``first_gradient_logs``: the first update's gradient is already in ``.grad`` (computed
+        before the generator step for ``guidance.wants_auxiliary_gradient``).
+        """
         logs: dict = {}
         for i in range(self.guidance.score_steps):
-            aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, f"aux{i}", True))
-            loss, loss_logs = self._reduce(aux.losses, weights)
-            self.auxiliary_optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            self._average_auxiliary_gradients()
+            if i == 0 and first_gradient_logs is not None:
+                logs = first_gradient_logs
+            else:
+                logs = self._auxiliary_backward(out, cameras, prompts, text_emb, weights, i)
             if self._all_finite(self.auxiliary_optimizer):
                 self.auxiliary_optimizer.step()
-            logs = {**{f"aux/{k}": v for k, v in loss_logs.items()}, **{f"aux/{k}": v for k, v in aux.logs.items()}}
         return logs
 
     def _apply_lr_scale(self, optimizer) -> None:
@@ -188,7 +203,14 @@ class AmortizedSystem(L.LightningModule):
         logs: dict[str, Tensor] = {}
         if order == "before":  # L-VSD: the score model looks ahead at the current renders first
             logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights))
-        g_out: GuidanceOutput = self.guidance(self._guidance_input(out, cameras, prompts, text_emb, "guidance"))
+        early_aux_logs, aux_grads = None, None
+        if order == "after" and self.guidance.wants_auxiliary_gradient:
+            # L²-VSD: the score gradient of this step is the lookahead direction; computed once here
+            # and reused for the score step after theta (phi and the detached renders are unchanged).
+            early_aux_logs = self._auxiliary_backward(out, cameras, prompts, text_emb, weights, 0)
+            aux_grads = self.guidance.auxiliary_gradients()
+        g_out: GuidanceOutput = self.guidance(self._guidance_input(out, cameras, prompts, text_emb, "guidance",
+                                                                   auxiliary_gradients=aux_grads))
         losses = {**g_out.losses, **out.regularizers}
         if order == "joint":
             aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, "aux0", True))
@@ -207,7 +229,7 @@ class AmortizedSystem(L.LightningModule):
             if order == "joint" and self._all_finite(self.auxiliary_optimizer):
                 self.auxiliary_optimizer.step()
         if order == "after":  # ProlificDreamer: score model trained on the renders of the updated step
-            logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights))
+            logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights, early_aux_logs))
         self.batch_index += 1
         logs.update({f"guidance/{k}": v for k, v in g_out.logs.items()})
         logs["train/loss"] = loss.detach()

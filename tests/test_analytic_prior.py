@@ -205,3 +205,36 @@ def test_reference_set_from_primitives_world():
     assert prior.text_condition(["a red cube", "a blue torus, side view"]).object_ids.tolist() == ids.tolist()
     with pytest.raises(ValueError, match="no reference images"):
         prior.condition_mask(prior.text_condition(["a green cone"]))
+
+
+def test_data_std_single_reference_is_the_exact_gaussian_denoiser():
+    """One reference with data_std s is the data distribution N(r, s^2 I): its noise prediction must
+    equal the independent closed form of ``GaussianPrior`` at every noise level, including t = 0."""
+    from amortized3d.priors.gaussian import GaussianPrior
+
+    refs = make_refs(m=1, hw=(2, 2), n_objects=1)
+    s = 0.2
+    prior = AnalyticPrior(refs, data_std=s)
+    r = (refs.images * 2 - 1).flatten(1).double()
+    gauss = GaussianPrior(r, (s ** 2 * torch.eye(12, dtype=torch.float64))[None], ["object 0"], shape=(3, 2, 2))
+    t = torch.tensor([0, 5, 50, 300, 999])
+    x_t = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    got = prior.predict_noise(x_t, t, prior.text_condition(["object 0"] * 5), 1.0).double()
+    expected = gauss.predict_noise(x_t.double(), t, gauss.text_condition(["object 0"] * 5), 1.0)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    assert got[0].abs().max() < 5.0  # bounded at t = 0 for an off-reference x (Diracs: ~ (x - r) / 0.03)
+
+
+def test_data_std_mixture_satisfies_tweedie():
+    images = torch.tensor([[0.1, 0.8, 0.3], [0.9, 0.2, 0.6]]).view(2, 3, 1, 1)
+    s = 0.3
+    prior = AnalyticPrior(ReferenceSet(images, torch.zeros(2), torch.zeros(2), {"x": 0}), data_std=s)
+    r = (images * 2 - 1).flatten(1).double()
+    for t in (0, 40, 500):
+        a = float(prior.alphas_cumprod[t])
+        comps = torch.distributions.MultivariateNormal(
+            math.sqrt(a) * r, (a * s * s + 1 - a) * torch.eye(3, dtype=torch.float64))
+        x = torch.tensor([[0.3, -0.1, 0.2]], dtype=torch.float64, requires_grad=True)
+        (score,) = torch.autograd.grad(torch.logsumexp(comps.log_prob(x), 0), x)
+        mean = prior.posterior_mean(x.detach().float().view(1, 3, 1, 1), torch.tensor([t])).view(3).double()
+        torch.testing.assert_close(((x.detach() + (1 - a) * score) / math.sqrt(a))[0], mean, atol=2e-5, rtol=0)

@@ -189,3 +189,22 @@ def test_end_to_end_smoke_through_hydra_and_train(tmp_path, cache_dir):
                             "guidance.lambda_convexity=0.1"))  # with normals rendered, as the thesis
     assert metrics["training"]["guidance"] == "sdi" and metrics["training"]["steps"] == 2
     assert metrics["training"]["nonfinite_steps"] == 0
+
+
+def test_inferred_noise_is_noise_like_on_a_smoothed_finite_set_prior():
+    """On Dirac references the exact denoiser's eps at t = 0 is (x - r_nearest) / sqrt(1 - abar_0),
+    so inverting any render that is not exactly a reference infers noise of std >> 1; with the
+    kernel-density prior (data_std) the inferred kappa is noise-like again (std ~ 1)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=g)
+    refs = ReferenceSet(images, torch.arange(4), torch.zeros(4), {f"o{i}": i for i in range(4)})
+    render = (0.8 * images + 0.2 * torch.rand(4, 3, 8, 8, generator=g)) * 2 - 1  # near, not on, the set
+    t = torch.full((4,), 500)
+    stds = {}
+    for s in (0.0, 0.1):
+        sdi = SDIGuidance(AnalyticPrior(refs, data_std=s), tau_max=0.0)
+        kappa, _, _ = sdi.infer_noise(render, t, sdi.prior.text_condition([f"o{i}" for i in range(4)]),
+                                      torch.Generator().manual_seed(1))
+        stds[s] = float(kappa.flatten(1).std(1).mean())
+    assert stds[0.0] > 4.0
+    assert 0.3 < stds[0.1] < 2.5

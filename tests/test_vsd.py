@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 from torch.func import functional_call
@@ -12,7 +13,7 @@ from amortized3d.guidance.base import GuidanceInput
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
 from amortized3d.priors.gaussian import GaussianPrior
 from amortized3d.priors.score_models import GaussianScoreModel, ScoreModel, SmallUNetScoreModel
-from amortized3d.train import train
+from amortized3d.train import build_system, train
 from conftest import compose
 
 D = 4
@@ -240,3 +241,43 @@ def test_end_to_end_smoke_through_hydra_and_train(tmp_path, cache_dir, name, ove
     assert "guidance.score_model.conv_out.weight" in ckpt["state_dict"]
     assert not any(k.startswith("guidance.prior.") for k in ckpt["state_dict"])
     assert ckpt["amortized3d"]["auxiliary_optimizer"]["state"]  # the score model was trained
+
+
+class RecordingL2VSD(L2VSDGuidance):
+    """L²-VSD that keeps what the system handed it (to check the gradient-reuse protocol)."""
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, inp):
+        assert inp.auxiliary_gradients is not None, "the system must hand L²-VSD this step's score gradient"
+        RecordingL2VSD.seen.append({n: g.clone() for n, g in inp.auxiliary_gradients.items()})
+        return super().forward(inp)
+
+
+def test_l2vsd_lookahead_gradient_is_the_score_step_the_system_then_takes(tmp_path, cache_dir):
+    """The system back-propagates the score loss once, before theta: L²-VSD's lookahead tangent is
+    -eta times exactly the gradient of the score-model step taken after theta (SGD, lr 1:
+    phi_0 - phi_1 = that gradient), so the lookahead costs no extra backward pass."""
+    RecordingL2VSD.seen.clear()
+    cfg = compose(tmp_path, cache_dir, "guidance=l2vsd", "trainer.max_steps=1", "logger=none",
+                  f"guidance._target_={__name__}.RecordingL2VSD",
+                  "guidance.score_optimizer={name: sgd, lr: 1.0}")
+    L.seed_everything(cfg.seed, workers=True)  # as train() does: the same initial score model
+    phi0 = {n: p.detach().clone() for n, p in build_system(cfg)[0].guidance.score_model.trainable_parameters().items()}
+    train(cfg)
+    assert len(RecordingL2VSD.seen) == 1
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    seen = RecordingL2VSD.seen[0]
+    assert set(seen) == set(phi0) and any(g.abs().sum() > 0 for g in seen.values())
+    for name, before in phi0.items():
+        torch.testing.assert_close(before - state[f"guidance.score_model.{name}"], seen[name], rtol=1e-5, atol=1e-7)
+
+
+def test_lookahead_tangent_from_a_given_gradient_equals_the_standalone_lookahead():
+    prior, model, x0, x_t, t, cond, cam = setup("unet")
+    guidance = L2VSDGuidance(prior, model, eta=0.05)
+    standalone = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
+    model.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()
+    handed = guidance.tangent_from_gradient(guidance.auxiliary_gradients())
+    for n in standalone:
+        torch.testing.assert_close(handed[n], standalone[n])

@@ -8,7 +8,7 @@ the system (``amortized3d.system``) is the one place that executes that ordering
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ class GuidanceInput:
     generator: torch.Generator | None = None  # per-step RNG: reproducible and resumable
     text_emb: Tensor | None = None  # [N,E] prompt embeddings (score models condition on them)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. normals for SDI's convexity loss
+    # This step's gradient of the auxiliary loss w.r.t. the auxiliary model's parameters (by name),
+    # when the system computed it before the generator step (``Guidance.wants_auxiliary_gradient``).
+    auxiliary_gradients: Mapping[str, Tensor] | None = None
 
 
 @dataclass
@@ -68,6 +71,11 @@ class Guidance(nn.Module):
     update_order: UpdateOrder = "none"
     score_steps: int = 1  # auxiliary-model updates per generator step (gamma; L-VSD uses > 1)
     needs_normals: bool = False  # renders must carry normals in ``extras["normal"]`` (SDI convexity)
+    # With update_order "after": the system back-propagates the first auxiliary loss *before* the
+    # generator step, hands that gradient to ``forward`` (``GuidanceInput.auxiliary_gradients``) and
+    # then steps the auxiliary model with it. Exact, because neither the auxiliary parameters nor the
+    # detached renders change in between; L²-VSD's lookahead direction is that gradient.
+    wants_auxiliary_gradient: bool = False
 
     def __init__(self, prior: Prior, t_min: Any = 0.02, t_max: Any = 0.98, weighting: str = "sds",
                  loss_weight: Any = 1.0):
@@ -85,6 +93,10 @@ class Guidance(nn.Module):
     def auxiliary_optimizer_config(self) -> dict:
         """Optimizer settings for ``auxiliary_parameter_groups`` (see ``amortized3d.optim``)."""
         return {"name": "adamw", "lr": 1e-4}
+
+    def auxiliary_gradients(self) -> dict[str, Tensor]:
+        """Current ``.grad`` of the auxiliary model's trainable parameters by name (zeros where unused)."""
+        return {}
 
     def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Loss of the auxiliary model on the detached renders (``update_order != "none"``)."""

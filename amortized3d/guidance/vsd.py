@@ -104,6 +104,10 @@ class VSDGuidance(Guidance):
     def auxiliary_optimizer_config(self) -> dict:
         return dict(self.score_optimizer)
 
+    def auxiliary_gradients(self) -> dict[str, Tensor]:
+        return {n: (torch.zeros_like(p) if p.grad is None else p.grad)
+                for n, p in self.score_model.trainable_parameters().items()}
+
     def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Denoising loss of the score model on the detached renders (Eq. 6), t ~ U[0, T)."""
         with torch.no_grad():
@@ -153,6 +157,7 @@ class L2VSDGuidance(VSDGuidance):
     """Linearized Lookahead VSD (§4.2, Eq. 11-12): eps_phi + J_phi(x_t) . (-eta grad_phi L_phi(x_t', t'))."""
 
     loss_name = "l2vsd"
+    wants_auxiliary_gradient = True
 
     def __init__(self, prior: Prior, score_model: ScoreModel, eta: float = 1e-2, last_layer_only: bool = False,
                  **kwargs: Any):
@@ -167,19 +172,33 @@ class L2VSDGuidance(VSDGuidance):
         """-eta * grad_phi of the score model's batch-mean loss at a fresh (t', eps') draw.
 
         This is exactly one plain SGD step of size eta (Eq. 7; our loss is a mean, so the paper's
-        factor 2 is inside eta). ``torch.autograd.grad`` leaves ``.grad`` untouched, so the
-        system's score-model step starts clean. Restricted to ``last_layer_names()`` when
-        ``last_layer_only`` (tangent zero elsewhere).
+        factor 2 is inside eta). ``torch.autograd.grad`` leaves ``.grad`` untouched. Used when the
+        system has not already computed this step's score gradient (standalone use, the 2D toy).
         """
         params = self.score_model.trainable_parameters()
-        names = self.score_model.last_layer_names() if self.last_layer_only else list(params)
+        names = self._tangent_names()
         with torch.enable_grad():
             loss = self.score_model.loss(x0.detach(), cond, camera, generator).mean()
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        return {n: (torch.zeros_like(params[n]) if g is None else -self.eta * g.detach())
-                for n, g in zip(names, grads)}
+        return self.tangent_from_gradient({n: g for n, g in zip(names, grads) if g is not None})
+
+    def tangent_from_gradient(self, gradients: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """-eta * gradient on the parameters entering the jvp (only the output layer with
+        ``last_layer_only``; a parameter without gradient gets a zero tangent)."""
+        params = self.score_model.trainable_parameters()
+        return {n: (-self.eta * gradients[n].detach() if n in gradients else torch.zeros_like(params[n]))
+                for n in self._tangent_names()}
+
+    def _tangent_names(self) -> list[str]:
+        params = self.score_model.trainable_parameters()
+        return self.score_model.last_layer_names() if self.last_layer_only else list(params)
 
     def score_estimate(self, x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor | None, camera: Tensor,
                        inp: GuidanceInput) -> tuple[Tensor, Tensor | None]:
-        tangent = self.lookahead_tangent(x0, cond, camera, inp.generator)
+        # In training the system hands over this step's score gradient (it is reused for the
+        # score step after theta, so the lookahead costs one jvp and no extra backward pass).
+        if inp.auxiliary_gradients is not None:
+            tangent = self.tangent_from_gradient(inp.auxiliary_gradients)
+        else:
+            tangent = self.lookahead_tangent(x0, cond, camera, inp.generator)
         return linearized_shift(self.score_model, tangent, x_t, t, cond, camera)

@@ -11,6 +11,16 @@ camera's view bucket; all references for the unconditional branch). This is exac
 perfectly trained diffusion model on that data set would predict, so score distillation
 against it behaves like SDS/VSD against a real prior, on a world whose ground truth we know.
 Pixel space, 3 channels, values in [-1, 1] (x0 = 2*rgb - 1).
+
+``data_std`` = s > 0 replaces each Dirac by an isotropic Gaussian N(r_i, s^2 I) (a kernel density
+estimate of the world instead of its samples). Still exact in closed form: with
+v = abar s^2 + 1 - abar, w = softmax_i(-||x_t - sqrt(abar) r_i||^2 / 2v) and
+
+    E[x0 | x_t] = sum_i w_i (r_i + c (x_t - sqrt(abar) r_i)),   c = sqrt(abar) s^2 / v.
+
+Why: with Diracs, eps at t -> 0 is (x_t - sqrt(abar) r_nearest) / sqrt(1 - abar), which explodes for
+any render that is not exactly a reference (a real model is smooth there); SDI's DDIM inversion
+starts at t = 0 and inherits that blow-up. s only matters where the noise std falls below it.
 """
 from __future__ import annotations
 
@@ -87,8 +97,11 @@ class AnalyticPrior(Prior):
     """Exact posterior-mean denoiser of a ``ReferenceSet`` in [-1,1] pixel space (frozen)."""
 
     def __init__(self, references: ReferenceSet, schedule: NoiseSchedule | None = None,
-                 view_dependent: bool = False, chunk_size: int = 256):
+                 view_dependent: bool = False, chunk_size: int = 256, data_std: float = 0.0):
         super().__init__()
+        if data_std < 0:
+            raise ValueError(f"data_std must be >= 0, got {data_std}")
+        self.data_std = float(data_std)
         self.references = references
         self.schedule = schedule if schedule is not None else NoiseSchedule.scaled_linear()
         self.view_dependent = view_dependent
@@ -163,7 +176,9 @@ class AnalyticPrior(Prior):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(n).long()
         abar = self.schedule.alphas_cumprod.to(x.device)[t].double()
         sa = abar.sqrt().float()
-        inv_var = (1.0 / (1.0 - abar)).float()  # in float64 first: 1 - abar can be ~1e-12 away
+        var = abar * self.data_std ** 2 + (1.0 - abar)  # of x_t given the component (float64: 1 - abar ~ 1e-12)
+        inv_var = (1.0 / var).float()
+        shrink = (abar.sqrt() * self.data_std ** 2 / var).float()  # c: pull of x_t inside a component
         chunks = []
         for s in range(0, n, self.chunk_size):
             e = slice(s, s + self.chunk_size)
@@ -174,7 +189,10 @@ class AnalyticPrior(Prior):
             if mask is not None:
                 logits = logits.masked_fill(~mask[e].to(logits.device), float("-inf"))
             weights = torch.softmax(logits, dim=1)  # max-subtracted, i.e. logsumexp-stable
-            chunks.append(self.ref_mean + weights @ self.ref_centred)
+            mixture_mean = self.ref_mean + weights @ self.ref_centred
+            if self.data_std > 0:  # sum_i w_i (r_i + c (x_t - sa r_i))
+                mixture_mean = mixture_mean + shrink[e, None] * (x[e] - sa[e, None] * mixture_mean)
+            chunks.append(mixture_mean)
         return torch.cat(chunks).reshape(x_t.shape)
 
     def _x0_branches(self, x_t: Tensor, t: Tensor, cond: AnalyticCondition, guidance_scale: float

@@ -99,9 +99,9 @@ def build_reference_set(world_name: str, views_per_object: int, resolution: int,
 
 def build_analytic_prior(world: str = "primitives", views_per_object: int = 64, resolution: int = 32,
                          view_dependent: bool = True, camera: Mapping[str, Any] | None = None,
-                         cache_dir: str | None = None, seed: int = 1234) -> AnalyticPrior:
-    """The CPU default prior: exact denoiser of the world's reference renders."""
+                         cache_dir: str | None = None, seed: int = 1234, data_std: float = 0.0) -> AnalyticPrior:
+    """The CPU default prior: exact denoiser of the world's reference renders (``data_std``: see AnalyticPrior)."""
     refs = build_reference_set(world, views_per_object, resolution, camera or {}, cache_dir, seed)
-    prior = AnalyticPrior(refs, view_dependent=view_dependent)
+    prior = AnalyticPrior(refs, view_dependent=view_dependent, data_std=data_std)
     prior.world = get_world(world)  # ground truth, for oracle metrics
     return prior
