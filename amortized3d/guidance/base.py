@@ -86,6 +86,11 @@ class Guidance(nn.Module):
         """Optimizer settings for ``auxiliary_parameter_groups`` (see ``amortized3d.optim``)."""
         return {"name": "adamw", "lr": 1e-4}
 
+    def frozen_state_keys(self) -> set[str]:
+        """``state_dict`` keys (relative to the guidance) of frozen pretrained weights outside the
+        prior, e.g. a LoRA's base UNet: rebuilt from config, never checkpointed."""
+        return set()
+
     def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Loss of the auxiliary model on the detached renders (``update_order != "none"``)."""
         raise RuntimeError(f"{type(self).__name__} has no auxiliary model")
