@@ -38,3 +38,28 @@ def test_sd_prior_trains_fast(tmp_path, cache_dir, tiny_sd, guidance):
         lora = [k for k in state if k.startswith("guidance.score_model.")]
         # only the LoRA factors and the camera embedding are checkpointed, not the base UNet
         assert lora and all("lora_" in k or "class_embedding" in k for k in lora)
+    if guidance == "vsd":
+        _check_lora_round_trip(tmp_path)
+
+
+def test_sd_generator_conditioning_is_the_prior_clip_pooled_output(tmp_path, cache_dir, tiny_sd):
+    from amortized3d.text.clip import CLIPTextEncoder
+    from amortized3d.train import build_system
+
+    system, prior, _ = build_system(compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), tiny=False))
+    assert isinstance(system.text_encoder, CLIPTextEncoder)
+    expected = CLIPTextEncoder(str(tiny_sd)).encode(system.train_prompts).half().float()  # cached in fp16
+    torch.testing.assert_close(system.text_table, expected)
+    assert system.text_table.shape == (len(system.train_prompts), 32)
+
+
+def _check_lora_round_trip(tmp_path) -> None:
+    from amortized3d.evaluation.checkpoint import load_system
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    system, *_ = load_system(ckpt)
+    lora = system.guidance.score_model.trainable_parameters()
+    assert any(float(saved[f"guidance.score_model.{n}"].abs().max()) > 0 for n in lora if "lora_B" in n)  # trained
+    for name, param in lora.items():
+        torch.testing.assert_close(param.detach(), saved[f"guidance.score_model.{name}"])
