@@ -23,6 +23,7 @@ from torch import Tensor
 from amortized3d.priors.sd_loading import (MissingWeightsError, freeze, load_component, missing_weights_message,
                                            resolve_device, resolve_dtype)
 from amortized3d.text.base import TextEncoder
+from amortized3d.text.cache import local_rank_from_env
 
 _FINGERPRINT_BYTES = 1 << 20
 _MAX_NAMED = 5
@@ -87,6 +88,8 @@ class CLIPTextEncoder(TextEncoder):
         self.revision, self.local_files_only = revision, bool(local_files_only)
         self.subfolder, self.tokenizer_subfolder = subfolder, tokenizer_subfolder
         self.device = resolve_device(device)
+        if device in (None, "auto") and self.device.type == "cuda":  # each rank encodes on its own GPU
+            self.device = torch.device("cuda", local_rank_from_env())
         self.dtype = resolve_dtype(dtype, self.device)
         self._declared_dim = None if embedding_dim is None else int(embedding_dim)
         self._model: Any = None
