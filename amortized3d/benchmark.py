@@ -82,6 +82,34 @@ def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = ()
             for k, v in times.items()]
 
 
+def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens: bool = True) -> list[dict]:
+    """Bytes per prompt of the on-disk embedding cache (pooled fp16 [N,E], tokens fp16 [N,77,E]),
+    written by the real cache code through a CLIP text encoder of SD-2.1's width (random weights,
+    built from config: file sizes do not depend on weight values)."""
+    import tempfile
+
+    from amortized3d.priors.sd_tiny import build_tiny_sd
+    from amortized3d.text.cache import EmbeddingCache
+    from amortized3d.text.clip import CLIPTextEncoder
+
+    words = [(c, s) for c in ("red", "green", "blue", "gold") for s in ("cube", "ball", "cone", "torus")]
+    prompts = [f"a {words[i % 16][0]} {words[i % 16][1]} number {i}" for i in range(num_prompts)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_sd(Path(tmp) / "sd", hidden=embedding_dim)
+        encoder = CLIPTextEncoder(str(model), embedding_dim=embedding_dim)
+        cache = EmbeddingCache(Path(tmp) / "cache")
+        for kind in ("pooled", "tokens") if tokens else ("pooled",):
+            t0 = time.perf_counter()
+            cache.load_or_build(encoder, "bench", prompts, kind=kind, batch_size=256)
+            seconds = time.perf_counter() - t0
+            size = cache.entry(encoder, "bench", prompts, kind).array_path.stat().st_size
+            rows.append({"benchmark": "embedding cache size", "variant": f"{kind} fp16, E={embedding_dim}",
+                         "prompts": num_prompts, "bytes_per_prompt": size / num_prompts,
+                         "build_seconds": seconds})
+    return rows
+
+
 def write_report(rows: list[dict], path: str | Path | None) -> str:
     lines = []
     for row in rows:

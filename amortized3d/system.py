@@ -261,17 +261,21 @@ class AmortizedSystem(L.LightningModule):
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen prior (e.g. Stable Diffusion, GBs) is rebuilt from config, never checkpointed.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(FROZEN_PREFIX)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not self._is_frozen(k)}
         checkpoint["amortized3d"] = {"batch_index": self.batch_index, "nonfinite_steps": self.nonfinite_steps,
                                      "train_prompts": self.train_prompts,
                                      "text_encoder": getattr(self.text_encoder, "identity", None),
                                      "auxiliary_optimizer": (self.auxiliary_optimizer.state_dict()
                                                              if self.auxiliary_optimizer is not None else None)}
 
+    def _is_frozen(self, key: str) -> bool:
+        if not hasattr(self, "_frozen_keys"):
+            self._frozen_keys = {f"guidance.{k}" for k in self.guidance.frozen_state_keys()}
+        return key.startswith(FROZEN_PREFIX) or key in self._frozen_keys
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIX)})
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if self._is_frozen(k)})
         state = checkpoint.get("amortized3d", {})
         self.batch_index = int(state.get("batch_index", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))

@@ -45,7 +45,7 @@ def build_system(cfg: DictConfig, corpus=None) -> tuple[AmortizedSystem, Any, An
     with open_dict(cfg):
         cfg.data.num_train_prompts = len(train_prompts)
     text_encoder = hydra.utils.instantiate(cfg.prior.text_encoder)
-    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build(
+    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(
         text_encoder, corpus.name, train_prompts)
     prior = hydra.utils.instantiate(cfg.prior.model)
     generator = hydra.utils.instantiate(cfg.generator)

@@ -56,3 +56,11 @@ def compose(output_dir: Path, cache_dir: Path, *overrides: str, tiny: bool = Tru
     base = [f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}", f"paths.root_dir={ROOT}"]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return hydra_compose("train", overrides=base + (TINY if tiny else []) + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion in the diffusers layout (built from config, saved once)."""
+    from amortized3d.priors.sd_tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))

@@ -98,6 +98,11 @@ class Guidance(nn.Module):
         """Current ``.grad`` of the auxiliary model's trainable parameters by name (zeros where unused)."""
         return {}
 
+    def frozen_state_keys(self) -> set[str]:
+        """``state_dict`` keys (relative to the guidance) of frozen pretrained weights outside the
+        prior, e.g. a LoRA's base UNet: rebuilt from config, never checkpointed."""
+        return set()
+
     def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Loss of the auxiliary model on the detached renders (``update_order != "none"``)."""
         raise RuntimeError(f"{type(self).__name__} has no auxiliary model")

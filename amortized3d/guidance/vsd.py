@@ -59,7 +59,7 @@ def linearized_shift(model: ScoreModel, tangent: Mapping[str, Tensor], x_t: Tens
     def eps(p: dict[str, Tensor]) -> Tensor:
         return functional_call(model, p, (x_t, t, cond, camera), strict=False)
 
-    with torch.no_grad():  # no reverse-mode graph: forward-mode only
+    with torch.no_grad(), model.forward_ad():  # no reverse-mode graph: forward-mode only
         return jvp(eps, (primals,), (tangents,))
 
 
@@ -94,7 +94,7 @@ class VSDGuidance(Guidance):
         self.score_steps = int(score_steps)
         self.guidance_scale = float(guidance_scale)
         self.score_model = score_model
-        score_model.use_schedule(prior.schedule)
+        score_model.bind_prior(prior)  # shares the schedule (a LoRA also builds on the prior's UNet)
         self.score_optimizer = {**DEFAULT_SCORE_OPTIMIZER, **dict(_plain(score_optimizer) or {})}
 
     # --- hooks used by the system ----------------------------------------------------------------
@@ -108,6 +108,9 @@ class VSDGuidance(Guidance):
         return {n: (torch.zeros_like(p) if p.grad is None else p.grad)
                 for n, p in self.score_model.trainable_parameters().items()}
 
+    def frozen_state_keys(self) -> set[str]:
+        return {f"score_model.{k}" for k in self.score_model.frozen_state_keys()}
+
     def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Denoising loss of the score model on the detached renders (Eq. 6), t ~ U[0, T)."""
         with torch.no_grad():
@@ -118,8 +121,9 @@ class VSDGuidance(Guidance):
 
     # --- the distillation gradient ---------------------------------------------------------------
     def score_condition(self, inp: GuidanceInput, like: Tensor) -> tuple[Tensor | None, Tensor]:
-        """(text embedding [N,E] or None, camera embedding [N,16]) for the score model."""
-        cond = None if inp.text_emb is None else inp.text_emb.to(like.device, like.dtype)
+        """(the score model's text condition, camera embedding [N,16]) for the score model."""
+        text_emb = None if inp.text_emb is None else inp.text_emb.to(like.device, like.dtype)
+        cond = self.score_model.text_condition(text_emb, inp.prompts, self.prior)
         return cond, inp.cameras.embedding().to(like.device, like.dtype)
 
     def score_estimate(self, x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor | None, camera: Tensor,

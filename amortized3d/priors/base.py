@@ -47,3 +47,9 @@ class Prior(nn.Module):
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
         """Classifier-free-guided epsilon prediction at integer timesteps ``t`` [N]."""
         raise NotImplementedError("abstract")
+
+    def prompt_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """The denoiser's own text embedding of each prompt (no view suffix), e.g. SD's CLIP tokens
+        [N,77,E]: what a score model that fine-tunes this prior (LoRA) is conditioned on.
+        Optional: priors whose score models take the generator's pooled embedding need not have it."""
+        raise NotImplementedError(f"{type(self).__name__} has no prompt embeddings for score models")

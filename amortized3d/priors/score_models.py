@@ -16,6 +16,7 @@ Models live in the prior's x0 space (pixels or VAE latents); nothing here assume
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from typing import Literal, Sequence
 
@@ -49,6 +50,26 @@ class ScoreModel(nn.Module, abc.ABC):
     def use_schedule(self, schedule: NoiseSchedule) -> None:
         """Share the prior's noise schedule (the score model must diffuse exactly like the prior)."""
         self.schedule = schedule
+
+    def bind_prior(self, prior) -> None:
+        """Called once by the guidance with its prior: share the schedule (and, for models that
+        fine-tune the prior, e.g. a LoRA of its UNet, build on its network)."""
+        self.use_schedule(prior.schedule)
+
+    def text_condition(self, text_emb: Tensor | None, prompts: Sequence[str], prior) -> Tensor | None:
+        """The ``cond`` this model takes: by default the generator's pooled prompt embedding [N,E];
+        a LoRA of the prior takes the prior's own token embeddings instead."""
+        return text_emb
+
+    def forward_ad(self) -> contextlib.AbstractContextManager:
+        """Context in which ``torch.func.jvp`` runs through this model (L²-VSD); models whose fast
+        kernels lack forward-mode rules (fused attention) switch to plain ones here."""
+        return contextlib.nullcontext()
+
+    def frozen_state_keys(self) -> set[str]:
+        """``state_dict`` keys that are frozen copies of pretrained weights, rebuilt from config and
+        never checkpointed (a LoRA's base UNet); empty for models trained from scratch."""
+        return set()
 
     @abc.abstractmethod
     def model_output(self, x_t: Tensor, t: Tensor, cond: Tensor | None, camera: Tensor | None) -> Tensor:

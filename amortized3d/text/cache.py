@@ -1,10 +1,14 @@
-"""On-disk text-embedding cache: one memory-mapped fp16 ``.npy`` per (encoder, corpus).
+"""On-disk text-embedding cache: one memory-mapped fp16 ``.npy`` per (encoder, corpus, kind).
 
 Why: encoding CP100k with the SD-2.1 CLIP text encoder takes minutes and every DDP rank and
 every run needs the same [N, E] matrix; fp16 halves disk and page-cache use (2*E bytes per
 prompt) and memory mapping lets ranks share pages.
 
-Files, in ``root``: ``<corpus>__<slug(identity)>__<key[:16]>.npy`` and a ``.json`` sidecar
+Kinds: ``pooled`` [N, E] (what generators are conditioned on; 2*E bytes per prompt) and, for
+encoders with ``encode_tokens`` (SD's CLIP), ``tokens`` [N, L, E] in a second file
+(``...__tokens.npy``; 77*1024*2 bytes = 158 KB per prompt, so it is opt-in).
+
+Files, in ``root``: ``<corpus>__<slug(identity)>__<key[:16]>[__tokens].npy`` and a ``.json`` sidecar
 holding the full key = sha256(identity NUL prompt_0 NUL prompt_1 ...), N, E, dtype and the
 sha256 of the array bytes. Any change of encoder or corpus changes the key (a new file).
 Writes go to a temp file in the same directory, are fsynced and ``os.replace``d; the sidecar
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from torch import Tensor
 from amortized3d.text.base import TextEncoder
 
 FORMAT_VERSION = 1
+KINDS = ("pooled", "tokens")
 _DTYPE = np.float16
 _HASH_BLOCK = 1 << 24
 
@@ -47,6 +53,14 @@ def cache_key(identity: str, prompts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def local_rank_from_env() -> int:
+    """This process's rank on its node as set by torchrun / Lightning / SLURM (0 when not distributed)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def slug(text: str, max_len: int = 64) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_len] or "x"
 
@@ -58,6 +72,12 @@ class CacheEntry:
     key: str
     num_prompts: int
     embedding_dim: int
+    kind: str = "pooled"
+    shape: tuple[int, ...] = ()  # full array shape ([N, E] pooled, [N, L, E] tokens)
+
+    @property
+    def array_shape(self) -> tuple[int, ...]:
+        return self.shape or (self.num_prompts, self.embedding_dim)
 
 
 def _fsync_path(path: Path) -> None:
@@ -94,23 +114,29 @@ class EmbeddingCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def entry(self, encoder: TextEncoder, corpus_name: str, prompts: Sequence[str]) -> CacheEntry:
-        key = cache_key(encoder.identity, prompts)
-        stem = f"{slug(corpus_name)}__{slug(encoder.identity)}__{key[:16]}"
-        return CacheEntry(self.root / f"{stem}.npy", self.root / f"{stem}.json", key,
-                          len(prompts), int(encoder.embedding_dim))
+    def entry(self, encoder: TextEncoder, corpus_name: str, prompts: Sequence[str], kind: str = "pooled"
+              ) -> CacheEntry:
+        if kind not in KINDS:
+            raise ValueError(f"unknown embedding kind {kind!r}; valid: {', '.join(KINDS)}")
+        if kind == "tokens" and not hasattr(encoder, "encode_tokens"):
+            raise TypeError(f"{type(encoder).__name__} has no token embeddings (encode_tokens)")
+        key = cache_key(encoder.identity if kind == "pooled" else f"{encoder.identity}#{kind}", prompts)
+        stem = f"{slug(corpus_name)}__{slug(encoder.identity)}__{key[:16]}" + ("" if kind == "pooled" else f"__{kind}")
+        dim = int(encoder.embedding_dim)
+        shape = (len(prompts), dim) if kind == "pooled" else (len(prompts), *map(int, encoder.token_shape))
+        return CacheEntry(self.root / f"{stem}.npy", self.root / f"{stem}.json", key, len(prompts), dim, kind, shape)
 
     def load_or_build(self, encoder: TextEncoder, corpus_name: str, prompts: Sequence[str],
                       batch_size: int = 256, barrier: Callable[[], None] | None = None,
-                      is_builder: bool = True, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Embeddings [N, E] of ``prompts`` (float32 copy; ``dtype=torch.float16`` returns a
-        zero-copy, copy-on-write memory-mapped view instead)."""
+                      is_builder: bool = True, dtype: torch.dtype = torch.float32, kind: str = "pooled") -> Tensor:
+        """Embeddings [N, E] (``kind="tokens"``: [N, L, E]) of ``prompts`` (float32 copy;
+        ``dtype=torch.float16`` returns a zero-copy, copy-on-write memory-mapped view instead)."""
         prompts = list(prompts)
-        entry = self.entry(encoder, corpus_name, prompts)
+        entry = self.entry(encoder, corpus_name, prompts, kind)
         if not prompts:
             if barrier is not None:
                 barrier()
-            return torch.zeros(0, entry.embedding_dim, dtype=dtype)
+            return torch.zeros(entry.array_shape, dtype=dtype)
         if is_builder:
             array = self.load(entry)
             if array is None:
@@ -125,10 +151,22 @@ class EmbeddingCache:
         if array is None:
             warnings.warn(f"embedding cache {entry.array_path} unavailable after build; encoding in memory",
                           RuntimeWarning, stacklevel=2)
-            return self._encode_all(encoder, prompts, batch_size).to(dtype)
+            return self._encode_all(encoder, prompts, batch_size, kind).to(dtype)
         if dtype == torch.float16:
             return torch.from_numpy(array)
         return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(dtype)
+
+    def load_or_build_shared(self, encoder: TextEncoder, corpus_name: str, prompts: Sequence[str],
+                             timeout_s: float = 3600.0, poll_s: float = 1.0, **kwargs) -> Tensor:
+        """``load_or_build`` before the process group exists: local rank 0 of each node builds (node-
+        local disks get their own copy), the other ranks wait for its sidecar, then load and verify."""
+        if local_rank_from_env() == 0:
+            return self.load_or_build(encoder, corpus_name, prompts, **kwargs)
+        entry = self.entry(encoder, corpus_name, list(prompts), kwargs.get("kind", "pooled"))
+        deadline = time.monotonic() + timeout_s
+        while not entry.sidecar_path.exists() and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        return self.load_or_build(encoder, corpus_name, prompts, is_builder=False, **kwargs)
 
     def load(self, entry: CacheEntry) -> np.ndarray | None:
         """The verified memmap (copy-on-write), or None on a miss; corrupt entries are reported."""
@@ -152,14 +190,15 @@ class EmbeddingCache:
         except (OSError, ValueError) as err:
             return f"unreadable: {err}"
         expected = {"format_version": FORMAT_VERSION, "key": entry.key, "num_prompts": entry.num_prompts,
-                    "embedding_dim": entry.embedding_dim, "dtype": np.dtype(_DTYPE).name}
+                    "embedding_dim": entry.embedding_dim, "dtype": np.dtype(_DTYPE).name,
+                    "shape": list(entry.array_shape)}
         for name, value in expected.items():
             if meta.get(name) != value:
                 return f"sidecar {name}={meta.get(name)!r}, expected {value!r}"
-        if shape != (entry.num_prompts, entry.embedding_dim) or fortran or dtype != np.dtype(_DTYPE):
+        if shape != entry.array_shape or fortran or dtype != np.dtype(_DTYPE):
             return f"header shape={shape} dtype={dtype} fortran={fortran}"
         size = entry.array_path.stat().st_size
-        if size != offset + entry.num_prompts * entry.embedding_dim * np.dtype(_DTYPE).itemsize:
+        if size != offset + int(np.prod(entry.array_shape)) * np.dtype(_DTYPE).itemsize:
             return f"file size {size} does not match shape (truncated?)"
         if _file_sha256(entry.array_path, offset) != meta.get("sha256"):
             return "checksum mismatch"
@@ -174,10 +213,10 @@ class EmbeddingCache:
         tmp_sidecar = entry.sidecar_path.with_name(f".{entry.sidecar_path.name}.{tag}")
         try:
             mm = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=_DTYPE,
-                                           shape=(entry.num_prompts, entry.embedding_dim))
+                                           shape=entry.array_shape)
             digest = hashlib.sha256()
             for start in range(0, len(prompts), batch_size):
-                block = self._encode_batch(encoder, prompts[start:start + batch_size])
+                block = self._encode_batch(encoder, prompts[start:start + batch_size], entry.kind)
                 block = np.ascontiguousarray(block.numpy().astype(_DTYPE))
                 mm[start:start + block.shape[0]] = block
                 digest.update(block.tobytes())  # row-major blocks concatenate to the array bytes
@@ -188,7 +227,8 @@ class EmbeddingCache:
             os.replace(tmp_array, entry.array_path)
             meta = {"format_version": FORMAT_VERSION, "key": entry.key, "identity": encoder.identity,
                     "num_prompts": entry.num_prompts, "embedding_dim": entry.embedding_dim,
-                    "dtype": np.dtype(_DTYPE).name, "data_offset": offset, "sha256": digest.hexdigest()}
+                    "dtype": np.dtype(_DTYPE).name, "shape": list(entry.array_shape), "kind": entry.kind,
+                    "data_offset": offset, "sha256": digest.hexdigest()}
             with open(tmp_sidecar, "w") as f:
                 json.dump(meta, f, indent=2)
                 f.flush()
@@ -200,15 +240,19 @@ class EmbeddingCache:
             tmp_sidecar.unlink(missing_ok=True)
 
     @staticmethod
-    def _encode_batch(encoder: TextEncoder, prompts: Sequence[str]) -> Tensor:
+    def _encode_batch(encoder: TextEncoder, prompts: Sequence[str], kind: str = "pooled") -> Tensor:
         with torch.no_grad():
-            emb = encoder.encode(list(prompts))
-        if emb.shape != (len(prompts), encoder.embedding_dim):
+            emb = encoder.encode(list(prompts)) if kind == "pooled" else encoder.encode_tokens(list(prompts))
+        expected = ((len(prompts), encoder.embedding_dim) if kind == "pooled"
+                    else (len(prompts), *map(int, encoder.token_shape)))
+        if tuple(emb.shape) != tuple(expected):
             raise ValueError(f"{encoder.identity} returned {tuple(emb.shape)} for {len(prompts)} prompts, "
-                             f"expected ({len(prompts)}, {encoder.embedding_dim})")
+                             f"expected {tuple(expected)}")
         return emb.detach().float().cpu()
 
-    def _encode_all(self, encoder: TextEncoder, prompts: Sequence[str], batch_size: int) -> Tensor:
-        blocks = [self._encode_batch(encoder, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    def _encode_all(self, encoder: TextEncoder, prompts: Sequence[str], batch_size: int, kind: str = "pooled"
+                    ) -> Tensor:
+        blocks = [self._encode_batch(encoder, prompts[i:i + batch_size], kind)
+                  for i in range(0, len(prompts), batch_size)]
         # Same fp16 rounding as the cache, so every rank sees identical values.
         return torch.cat(blocks).half().float()

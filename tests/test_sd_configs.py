@@ -1,0 +1,32 @@
+"""The Stable Diffusion configs compose: score-model specialisation per prior, paper experiments."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import CONFIGS, compose
+
+SD = ["prior=stable_diffusion"]
+# conv3d experiments wait for configs/generator/conv3d.yaml (built in parallel); composed once it exists.
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")
+                     if "conv3d" not in p.stem or (CONFIGS / "generator" / "conv3d.yaml").exists())
+
+
+@pytest.mark.parametrize("guidance", ["vsd", "lvsd", "l2vsd"])
+def test_vsd_family_selects_the_lora_on_sd_and_the_small_unet_on_analytic(tmp_path, guidance):
+    sd = compose(tmp_path, tmp_path, *SD, f"guidance={guidance}", tiny=False).guidance
+    assert sd.score_model._target_.endswith("LoRAScoreModel") and sd.score_optimizer.lr == 1e-4
+    assert "in_channels" not in sd.score_model  # the node is replaced, not merged with the small UNet's
+    analytic = compose(tmp_path, tmp_path, f"guidance={guidance}").guidance
+    assert analytic.score_model._target_.endswith("SmallUNetScoreModel")
+
+
+def test_sd_generator_conditioning_is_the_clip_pooled_width(tmp_path):
+    cfg = compose(tmp_path, tmp_path, *SD, tiny=False)
+    assert cfg.generator.text_dim == 1024 and cfg.prior.text_encoder._target_.endswith("CLIPTextEncoder")
+    assert cfg.system.resolution == cfg.prior.render.resolution == 64
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_paper_experiments_compose(tmp_path, name):
+    cfg = compose(tmp_path, tmp_path, f"experiment={name}", tiny=False)
+    assert cfg.prior.name == "stable_diffusion" and cfg.trainer.max_steps >= 10000

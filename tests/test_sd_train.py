@@ -1,0 +1,74 @@
+"""Every guidance trains through `prior=stable_diffusion` (a tiny SD saved to disk) and the real train()."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from amortized3d.train import train
+from conftest import compose
+from sd_helpers import sd_overrides
+
+# All seven take ~18 s together on 2 shared cores; csd/asd/lvsd reuse the code paths of sds/vsd, so they
+# run in the slow suite to keep the fast suite's budget.
+FAST = ["sds", "vsd", "l2vsd", "sdi"]
+SLOW = ["csd", "asd", "lvsd"]
+
+
+def _train(tmp_path, cache_dir, tiny_sd, guidance: str, *extra: str) -> dict:
+    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd, f"guidance={guidance}", *extra), tiny=False)
+    t0 = time.perf_counter()
+    metrics = train(cfg)
+    metrics["wall_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def _check(tmp_path, metrics: dict, guidance: str) -> dict:
+    assert metrics["training"]["steps"] == 3 and metrics["training"]["nonfinite_steps"] == 0
+    assert metrics["training"]["guidance"] == guidance
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    assert not any(k.startswith("guidance.prior.") for k in state)  # the frozen prior is never saved
+    return state
+
+
+@pytest.mark.parametrize("guidance", FAST)
+def test_sd_prior_trains_fast(tmp_path, cache_dir, tiny_sd, guidance):
+    metrics = _train(tmp_path, cache_dir, tiny_sd, guidance)
+    state = _check(tmp_path, metrics, guidance)
+    if guidance in ("vsd", "lvsd", "l2vsd"):
+        lora = [k for k in state if k.startswith("guidance.score_model.")]
+        # only the LoRA factors and the camera embedding are checkpointed, not the base UNet
+        assert lora and all("lora_" in k or "class_embedding" in k for k in lora)
+    if guidance == "vsd":
+        _check_lora_round_trip(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", SLOW)
+def test_sd_prior_trains_slow(tmp_path, cache_dir, tiny_sd, guidance):
+    _check(tmp_path, _train(tmp_path, cache_dir, tiny_sd, guidance), guidance)
+
+
+def test_sd_generator_conditioning_is_the_prior_clip_pooled_output(tmp_path, cache_dir, tiny_sd):
+    from amortized3d.text.clip import CLIPTextEncoder
+    from amortized3d.train import build_system
+
+    system, prior, _ = build_system(compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), tiny=False))
+    assert isinstance(system.text_encoder, CLIPTextEncoder)
+    expected = CLIPTextEncoder(str(tiny_sd)).encode(system.train_prompts).half().float()  # cached in fp16
+    torch.testing.assert_close(system.text_table, expected)
+    assert system.text_table.shape == (len(system.train_prompts), 32)
+
+
+def _check_lora_round_trip(tmp_path) -> None:
+    from amortized3d.evaluation.checkpoint import load_system
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    system, *_ = load_system(ckpt)
+    lora = system.guidance.score_model.trainable_parameters()
+    assert any(float(saved[f"guidance.score_model.{n}"].abs().max()) > 0 for n in lora if "lora_B" in n)  # trained
+    for name, param in lora.items():
+        torch.testing.assert_close(param.detach(), saved[f"guidance.score_model.{name}"])
