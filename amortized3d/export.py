@@ -83,6 +83,17 @@ def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 30
     return path
 
 
+def write_image(image: torch.Tensor | np.ndarray, path: PathLike) -> Path:
+    """Write one [3,H,W] or [H,W,3] image (floats in [0,1] or uint8) as .png/.jpg, atomically."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    array = to_uint8_frames(image[None])[0]
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, array, extension=path.suffix.lower())
+    return path
+
+
 def _grid_chunks(axis: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
     """Grid points [<=chunk, 3] in C order (x slowest), built slab by slab: a 512^3 grid
     would not fit in memory as one tensor."""
