@@ -79,11 +79,22 @@ class ClipEncoder(TextEncoder):
         self.identity = f"open_clip-{model}-{_weights_identity(pretrained, seed)}"
 
     def _missing_weights_message(self, error: Exception) -> str:
-        return (f"could not load CLIP weights for open_clip model {self.model_name!r} with pretrained="
-                f"{self.pretrained!r} ({error}). Offline, provide them one of two ways: put the open_clip "
-                f"weights in the Hugging Face cache (HF_HOME, e.g. run open_clip.create_model({self.model_name!r}, "
-                f"pretrained={self.pretrained!r}) once on a machine with network and copy ~/.cache/huggingface), "
-                f"or pass a local file: evaluator.pretrained=/path/to/open_clip_pytorch_model.bin. "
+        import open_clip
+
+        name, tag = self.model_name, self.pretrained
+        looks_like_path = any(sep in str(tag) for sep in ("/", "\\")) or str(tag).endswith((".bin", ".pt", ".pth",
+                                                                                             ".safetensors"))
+        if looks_like_path:
+            problem = (f"CLIP weights file {tag!r} for open_clip model {name!r} does not exist or cannot be "
+                       f"loaded ({error})")
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            problem = (f"could not load CLIP weights for open_clip model {name!r}, pretrained={tag!r} "
+                       f"(known tags for {name}: {', '.join(tags) or 'none'}): {error}")
+        return (f"{problem}. To provide them offline: either put them in the Hugging Face cache (run "
+                f"open_clip.create_model({name!r}, pretrained=<tag>) once with network, then copy "
+                f"~/.cache/huggingface or point HF_HOME / evaluator.cache_dir at it), or download the weights "
+                f"file and pass evaluator.pretrained=/path/to/open_clip_pytorch_model.bin. "
                 f"evaluator.pretrained=null evaluates with random weights (smoke tests only).")
 
     @torch.no_grad()

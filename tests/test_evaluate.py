@@ -1,0 +1,116 @@
+"""scripts/evaluate.py's library end to end on a tiny checkpoint, with a random-weight open_clip model."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from amortized3d.cameras import orbit_cameras
+from amortized3d.evaluation.clip import ClipEncoder, ClipWeightsError
+from amortized3d.evaluation.evaluate import evaluate
+from amortized3d.evaluation.final import evaluation_renderer, render_turntable
+from amortized3d.evaluation.scorers import clip_text_embeddings
+from amortized3d.train import train
+from conftest import CONFIGS, ROOT, compose
+
+TINY_CLIP = ["evaluator.model=a3d-tiny-clip", "evaluator.pretrained=null"]
+
+
+def compose_evaluate(output_dir, cache_dir, ckpt, *overrides):
+    """The real `configs/evaluate.yaml` composition, as `scripts/evaluate.py` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    base = [f"ckpt_path={ckpt}", f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}",
+            f"paths.root_dir={ROOT}", "render.num_views=4", "device=cpu"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return hydra_compose("evaluate", overrides=base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("run")
+    train(compose(out, cache_dir, "evaluation.splits=[val]", "evaluation.num_views=4"))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_clip_metrics_match_brute_force_and_repeat_exactly(tmp_path, cache_dir, checkpoint):
+    cfg = compose_evaluate(tmp_path / "a", cache_dir, checkpoint, *TINY_CLIP)
+    metrics = evaluate(cfg)
+    clip = metrics["clip"]
+    assert metrics["num_candidates"] == 30 and clip["overall"]["num_prompts"] == 30
+    assert clip["seen"]["num_prompts"] + clip["held_out"]["num_prompts"] == 30
+    rows = list(csv.DictReader(open(tmp_path / "a" / "per_prompt.csv")))
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in sorted(rows, key=lambda r: int(r["index"]))]
+    assert len(list((tmp_path / "a" / "grids").glob("*.png"))) == 30
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == metrics
+
+    # brute force: every prompt's 4 views scored against the full 30-prompt text matrix
+    from amortized3d.evaluation.checkpoint import load_system
+
+    system, _, corpus, _ = load_system(checkpoint, [f"paths.cache_dir={cache_dir}"])
+    prompts = list(corpus.unique("test"))
+    encoder = ClipEncoder("a3d-tiny-clip", None)
+    cached = torch.nn.functional.normalize(clip_text_embeddings(encoder, corpus.name, prompts, cache_dir).double(),
+                                           dim=-1)  # what evaluate used (fp16 cache)
+    exact = encoder.encode(prompts).double()
+    ev = metrics["evaluation"]
+    cams = orbit_cameras(ev["num_views"], ev["resolution"])
+    renderer = evaluation_renderer(system.renderer, {"num_samples": ev["samples"][0], "num_importance": ev["samples"][1]})
+    bake = (ev["baked_grid"], float(system.renderer.bound_radius))
+    sims, hits = [], []
+    for i, p in enumerate(prompts):
+        images = encoder.encode_images(render_turntable(system, p, cams, bake, renderer)).double()
+        sims.append((images @ exact[i]).mean().item())
+        hits.append(((images @ cached.T).argmax(dim=1) == i).double().mean().item())
+    assert [float(r["sim"]) for r in rows] == pytest.approx(sims, abs=2e-3)  # fp16 cache vs fp32
+    assert [float(r["r_at_1"]) for r in rows] == pytest.approx(hits, abs=1e-12)
+    assert clip["overall"]["r_at_1"] == pytest.approx(sum(hits) / 30, abs=1e-12)
+    assert clip["overall"]["sim"] == pytest.approx(sum(sims) / 30, abs=2e-3)
+
+    again = evaluate(compose_evaluate(tmp_path / "b", cache_dir, checkpoint, *TINY_CLIP))
+    assert again == metrics
+    assert (tmp_path / "a" / "per_prompt.csv").read_text() == (tmp_path / "b" / "per_prompt.csv").read_text()
+
+
+def test_oracle_evaluator_agrees_with_end_of_training_metrics(tmp_path, cache_dir, checkpoint):
+    metrics = evaluate(compose_evaluate(tmp_path, cache_dir, checkpoint, "evaluator=oracle", "split=val"))
+    final = json.loads((checkpoint.parents[1] / "metrics.json").read_text())["oracle"]["val"]
+    for group in ("overall", "seen", "held_out"):
+        for key in ("r_at_1", "psnr", "num_prompts"):
+            assert metrics["oracle"][group][key] == pytest.approx(final[group][key], abs=1e-9), (group, key)
+
+
+def test_another_corpus_by_path(tmp_path, cache_dir, checkpoint):
+    corpus = tmp_path / "other.json"
+    corpus.write_text(json.dumps({"train": ["a red cube"], "test": ["a blue torus", "a green cube", "a red cube"]}))
+    metrics = evaluate(compose_evaluate(tmp_path / "out", cache_dir, checkpoint, *TINY_CLIP, "data=primitives",
+                                        f"data.corpus_path={corpus}", "grid_views=0"))
+    assert metrics["num_candidates"] == 3 and metrics["clip"]["overall"]["num_prompts"] == 3
+    assert not (tmp_path / "out" / "grids").exists()
+
+
+def test_clip_weights_from_a_local_file_and_missing_weights_error(tmp_path):
+    random = ClipEncoder("a3d-tiny-clip", None, seed=3)
+    path = tmp_path / "weights.bin"
+    torch.save(random.model.state_dict(), path)
+    loaded = ClipEncoder("a3d-tiny-clip", str(path))
+    prompts = ["a red cube", "a blue sphere"]
+    assert torch.equal(loaded.encode(prompts), random.encode(prompts))
+    assert loaded.identity != random.identity
+    assert torch.equal(ClipEncoder("a3d-tiny-clip", None, seed=3).encode(prompts), random.encode(prompts))
+    with pytest.raises(ClipWeightsError, match=r"a3d-tiny-clip.*evaluator.pretrained=/path/to"):
+        ClipEncoder("a3d-tiny-clip", str(tmp_path / "missing.bin"))
+    with pytest.raises(ValueError, match="ViT-L-14"):
+        ClipEncoder("ViT-Nope", "openai")
+
+
+@pytest.mark.slow
+def test_missing_pretrained_tag_offline_names_model_and_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ClipWeightsError, match=r"'ViT-B-16'.*openai.*Hugging Face cache.*evaluator.pretrained="):
+        ClipEncoder("ViT-B-16", "openai", cache_dir=str(tmp_path))
