@@ -39,21 +39,22 @@ def checkpoint(tmp_path_factory, cache_dir):
 
 
 def test_clip_metrics_match_brute_force_and_repeat_exactly(tmp_path, cache_dir, checkpoint):
-    cfg = compose_evaluate(tmp_path / "a", cache_dir, checkpoint, *TINY_CLIP)
+    # split=val (12 prompts: 6 seen, 6 held out) keeps it fast; the default split=test runs the same code
+    cfg = compose_evaluate(tmp_path / "a", cache_dir, checkpoint, *TINY_CLIP, "split=val")
     metrics = evaluate(cfg)
-    clip = metrics["clip"]
-    assert metrics["num_candidates"] == 30 and clip["overall"]["num_prompts"] == 30
-    assert clip["seen"]["num_prompts"] + clip["held_out"]["num_prompts"] == 30
+    clip, n = metrics["clip"], 12
+    assert metrics["num_candidates"] == n and clip["overall"]["num_prompts"] == n
+    assert clip["seen"]["num_prompts"] == 6 and clip["held_out"]["num_prompts"] == 6
     rows = list(csv.DictReader(open(tmp_path / "a" / "per_prompt.csv")))
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in sorted(rows, key=lambda r: int(r["index"]))]
-    assert len(list((tmp_path / "a" / "grids").glob("*.png"))) == 30
+    assert len(list((tmp_path / "a" / "grids").glob("*.png"))) == n
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == metrics
 
     # brute force: every prompt's 4 views scored against the full 30-prompt text matrix
     from amortized3d.evaluation.checkpoint import load_system
 
     system, _, corpus, _ = load_system(checkpoint, [f"paths.cache_dir={cache_dir}"])
-    prompts = list(corpus.unique("test"))
+    prompts = list(corpus.unique("val"))
     encoder = ClipEncoder("a3d-tiny-clip", None)
     cached = torch.nn.functional.normalize(clip_text_embeddings(encoder, corpus.name, prompts, cache_dir).double(),
                                            dim=-1)  # what evaluate used (fp16 cache)
@@ -69,10 +70,10 @@ def test_clip_metrics_match_brute_force_and_repeat_exactly(tmp_path, cache_dir, 
         hits.append(((images @ cached.T).argmax(dim=1) == i).double().mean().item())
     assert [float(r["sim"]) for r in rows] == pytest.approx(sims, abs=2e-3)  # fp16 cache vs fp32
     assert [float(r["r_at_1"]) for r in rows] == pytest.approx(hits, abs=1e-12)
-    assert clip["overall"]["r_at_1"] == pytest.approx(sum(hits) / 30, abs=1e-12)
-    assert clip["overall"]["sim"] == pytest.approx(sum(sims) / 30, abs=2e-3)
+    assert clip["overall"]["r_at_1"] == pytest.approx(sum(hits) / n, abs=1e-12)
+    assert clip["overall"]["sim"] == pytest.approx(sum(sims) / n, abs=2e-3)
 
-    again = evaluate(compose_evaluate(tmp_path / "b", cache_dir, checkpoint, *TINY_CLIP))
+    again = evaluate(compose_evaluate(tmp_path / "b", cache_dir, checkpoint, *TINY_CLIP, "split=val"))
     assert again == metrics
     assert (tmp_path / "a" / "per_prompt.csv").read_text() == (tmp_path / "b" / "per_prompt.csv").read_text()
 
@@ -114,3 +115,22 @@ def test_missing_pretrained_tag_offline_names_model_and_fix(monkeypatch, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ClipWeightsError, match=r"'ViT-B-16'.*openai.*Hugging Face cache.*evaluator.pretrained="):
         ClipEncoder("ViT-B-16", "openai", cache_dir=str(tmp_path))
+
+
+def test_training_logs_validation_metrics_and_turntables(checkpoint):
+    run = checkpoint.parents[1]
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    logged = [r for r in rows if r.get("val/oracle_r_at_1")]
+    assert len(logged) == 1  # one validation (step 2) in the tiny run
+    assert 0.0 <= float(logged[0]["val/oracle_r_at_1"]) <= 1.0 and float(logged[0]["val/oracle_psnr"]) > 5
+    assert len(list((run / "videos" / "val_steps").glob("step_000002_*.mp4"))) == 1
+
+
+def test_validation_metrics_with_clip(tmp_path, cache_dir):
+    clip = "callbacks.validation_metrics.clip={model: a3d-tiny-clip, pretrained: null}"
+    train(compose(tmp_path, cache_dir, "callbacks.validation_metrics.evaluator=clip", clip,
+                  "callbacks.validation_metrics.num_prompts=2", "callbacks.validation_metrics.video_dir=null",
+                  "trainer.max_steps=2", "~callbacks.checkpoint"))
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("val/clip_sim")]
+    assert len(rows) == 1 and -1 <= float(rows[0]["val/clip_sim"]) <= 1
+    assert float(rows[0]["val/clip_r_at_1"]) in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
