@@ -134,3 +134,25 @@ def test_validation_metrics_with_clip(tmp_path, cache_dir):
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("val/clip_sim")]
     assert len(rows) == 1 and -1 <= float(rows[0]["val/clip_sim"]) <= 1
     assert float(rows[0]["val/clip_r_at_1"]) in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_evaluation_matches_one_process(tmp_path, cache_dir, checkpoint):
+    """torchrun --nproc_per_node=2 scripts/evaluate.py: each rank scores its shard, gathered = single run."""
+    import subprocess
+    import sys
+
+    args = [f"ckpt_path={checkpoint}", f"paths.cache_dir={cache_dir}", "render.num_views=4", "device=cpu",
+            "split=val", *TINY_CLIP]
+    single = evaluate(compose_evaluate(tmp_path / "one", cache_dir, checkpoint, *TINY_CLIP, "split=val"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "evaluate.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    assert two["clip"] == single["clip"]
+    assert (tmp_path / "two" / "per_prompt.csv").read_text() == (tmp_path / "one" / "per_prompt.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "two" / "grids").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "grids").iterdir())
