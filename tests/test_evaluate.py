@@ -34,7 +34,8 @@ def compose_evaluate(output_dir, cache_dir, ckpt, *overrides):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run")
-    train(compose(out, cache_dir, "evaluation.splits=[val]", "evaluation.num_views=4"))
+    train(compose(out, cache_dir, "evaluation.splits=[val]", "evaluation.num_views=4",
+                  f"callbacks.validation_metrics.video_dir={out / 'videos' / 'val_steps'}"))
     return out / "checkpoints" / "last.ckpt"
 
 
