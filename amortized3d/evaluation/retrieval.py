@@ -30,12 +30,13 @@ def normalize(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def retrieve(image_emb: Tensor, text_emb: Tensor, own: Tensor, image_chunk: int = 4096,
-             text_chunk: int = 16384) -> RetrievalResult:
+def retrieve(image_emb: Tensor, text_emb: Tensor, own: Tensor, image_chunk: int = 2048,
+             text_chunk: int = 8192) -> RetrievalResult:
     """Per-image Sim and R@1 of ``image_emb`` [N,D] against candidates ``text_emb`` [P,D].
 
-    ``own`` [N] is each image's own candidate index. Embeddings need not be normalised. Peak
-    memory is one [image_chunk, text_chunk] float64 block (512 MiB at the defaults).
+    ``own`` [N] is each image's own candidate index. Embeddings need not be normalised. Beyond
+    the inputs, peak memory is one [image_chunk, text_chunk] float64 block (128 MiB at the
+    defaults); candidates are normalised chunk by chunk, never copied whole to float64.
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"embeddings must be [N,D] and [P,D] with the same D, got {tuple(image_emb.shape)} "
@@ -48,16 +49,16 @@ def retrieve(image_emb: Tensor, text_emb: Tensor, own: Tensor, image_chunk: int 
         raise ValueError(f"own indices must lie in [0, {num_text}), got [{int(own.min())}, {int(own.max())}]")
     if image_chunk < 1 or text_chunk < 1:
         raise ValueError("chunk sizes must be >= 1")
-    texts = normalize(text_emb.cpu())
+    text_emb = text_emb.cpu()
     sims, bests = [], []
     for start in range(0, image_emb.shape[0], image_chunk):
         images = normalize(image_emb[start:start + image_chunk].cpu())
         own_chunk = own[start:start + image_chunk]
-        sims.append((images * texts[own_chunk]).sum(-1))
+        sims.append((images * normalize(text_emb[own_chunk])).sum(-1))
         best_val = torch.full((len(images),), -torch.inf, dtype=torch.float64)
         best_idx = torch.zeros(len(images), dtype=torch.long)
         for t0 in range(0, num_text, text_chunk):
-            val, idx = (images @ texts[t0:t0 + text_chunk].T).max(dim=1)  # first maximum within the chunk
+            val, idx = (images @ normalize(text_emb[t0:t0 + text_chunk]).T).max(dim=1)  # first maximum within the chunk
             better = val > best_val  # strict: an earlier chunk keeps a tie
             best_val = torch.where(better, val, best_val)
             best_idx = torch.where(better, idx + t0, best_idx)

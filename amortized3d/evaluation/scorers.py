@@ -31,8 +31,8 @@ class ClipScorer:
 
     name = "clip"
 
-    def __init__(self, encoder, candidates: Sequence[str], text_emb: Tensor, image_chunk: int = 4096,
-                 text_chunk: int = 16384):
+    def __init__(self, encoder, candidates: Sequence[str], text_emb: Tensor, image_chunk: int = 2048,
+                 text_chunk: int = 8192):
         if len(text_emb) != len(candidates):
             raise ValueError(f"{len(text_emb)} text embeddings for {len(candidates)} candidates")
         self.encoder, self.text_emb = encoder, text_emb.float()
@@ -87,7 +87,7 @@ def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, prior, cameras,
                               seed=int(cfg.get("seed", 0)), config_dirs=list(cfg.get("config_dirs") or []),
                               image_batch=int(cfg.get("image_batch", 64)))
         text = clip_text_embeddings(encoder, corpus.name, candidates, cache_dir, int(cfg.get("text_batch", 256)))
-        return ClipScorer(encoder, candidates, text, int(cfg.get("image_chunk", 4096)), int(cfg.get("text_chunk", 16384)))
+        return ClipScorer(encoder, candidates, text, int(cfg.get("image_chunk", 2048)), int(cfg.get("text_chunk", 8192)))
     if name == "oracle":
         world = getattr(prior, "world", None)
         if world is None:
