@@ -78,10 +78,11 @@ class ClipEncoder(TextEncoder):
         self.embedding_dim = int(open_clip.get_model_config(model)["embed_dim"])
         self.identity = f"open_clip-{model}-{_weights_identity(pretrained, seed)}"
 
-    def _missing_weights_message(self, error: Exception) -> str:
+    def _missing_weights_message(self, error: Exception | str) -> str:
         import open_clip
 
         name, tag = self.model_name, self.pretrained
+        error = str(error).rstrip(". ")
         looks_like_path = any(sep in str(tag) for sep in ("/", "\\")) or str(tag).endswith((".bin", ".pt", ".pth",
                                                                                              ".safetensors"))
         if looks_like_path:
