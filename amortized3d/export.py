@@ -83,6 +83,17 @@ def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 30
     return path
 
 
+def write_image(image: torch.Tensor | np.ndarray, path: PathLike) -> Path:
+    """Write one [3,H,W] or [H,W,3] image (floats in [0,1] or uint8) as .png/.jpg, atomically."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    array = to_uint8_frames(image[None])[0]
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, array, extension=path.suffix.lower())
+    return path
+
+
 def _grid_chunks(axis: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
     """Grid points [<=chunk, 3] in C order (x slowest), built slab by slab: a 512^3 grid
     would not fit in memory as one tensor."""
@@ -139,3 +150,50 @@ def save_mesh(mesh: trimesh.Trimesh, path: PathLike) -> Path:
     with atomic_path(path) as tmp:
         mesh.export(tmp, file_type=suffix[1:])
     return path
+
+
+def surface_query(field, density_threshold: float = 10.0, density_activation: str = "softplus") -> FieldQuery:
+    """A one-field ``Field`` (batch 1) as ``points [M,3] -> (sdf-like [M], albedo [M,3])``.
+
+    SDF fields are passed through (surface at 0). Density fields become
+    ``threshold - density(raw)``: negative where the density exceeds ``density_threshold``.
+    """
+    from amortized3d.rendering.densities import nerf_density
+
+    if field.batch_size != 1:
+        raise ValueError(f"export one field at a time, got a batch of {field.batch_size}")
+    if field.kind not in ("sdf", "density"):
+        raise ValueError(f"unknown field kind {field.kind!r}; expected 'sdf' or 'density'")
+
+    def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        geometry, albedo = field.query(points[None])
+        if field.kind == "density":
+            geometry = density_threshold - nerf_density(geometry, density_activation)
+        return geometry[0], albedo[0]
+
+    return query
+
+
+@torch.no_grad()
+def export_prompt(system, prompt: str, path: PathLike, *, cameras=None, bake: tuple[int, float] | None = None,
+                  renderer=None, fps: int = 30, mesh_resolution: int = 256, bound: float = 1.0,
+                  level: float = 0.0, density_threshold: float = 10.0, chunk: int = 65536) -> Path:
+    """Turntable video (.mp4/.gif; needs ``cameras``) or vertex-coloured mesh (.obj/.ply/.glb) of any
+    prompt a prompt-amortized generator can condition on, seen in training or not."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_FORMATS:
+        if cameras is None:
+            raise ValueError("a video export needs cameras (e.g. amortized3d.cameras.orbit_cameras)")
+        frames = system.render([prompt], cameras, bake=bake, renderer=renderer).rgb
+        return write_video(frames, path, fps=fps)
+    if suffix not in MESH_FORMATS:
+        raise ValueError(f"unsupported export format {path.suffix!r}; use one of "
+                         f"{', '.join(s[1:] for s in VIDEO_FORMATS + MESH_FORMATS)}")
+    text_emb, ids = system.embed([prompt])
+    field = system.generator(text_emb, ids)
+    activation = getattr(system.renderer, "nerf_density_activation", "softplus")
+    query = surface_query(field, density_threshold, activation)
+    mesh = extract_mesh(query, resolution=mesh_resolution, bound=bound, level=level, chunk=chunk,
+                        device=system.device)
+    return save_mesh(mesh, path)

@@ -29,6 +29,8 @@ TINY = [
     "evaluation.num_views=4",
     "evaluation.bake_resolution=32",
     "system.val_views=2",
+    "callbacks.validation_metrics.num_views=2",
+    "callbacks.validation_metrics.video_dir=null",
 ]
 
 

@@ -112,3 +112,53 @@ def test_failed_write_leaves_nothing(tmp_path):
         save_mesh(Broken(**triangle), tmp_path / "m.obj")
     assert [p.name for p in tmp_path.iterdir()] == ["m.obj"]  # no temp file, old result intact
     assert (tmp_path / "m.obj").read_bytes() == good
+
+
+class SphereField:
+    """An analytic one-prompt ``Field``: a sphere as an SDF, or as a raw density (softplus^-1 of a
+    density that crosses ``threshold`` exactly at the radius)."""
+
+    def __init__(self, kind: str, radius: float = RADIUS):
+        self.kind, self.radius = kind, radius
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def query(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sdf = points.norm(dim=-1) - self.radius
+        if self.kind == "density":  # density = 10 * exp(-sdf / 0.05): 10 on the surface
+            density = 10.0 * torch.exp(-sdf / 0.05)
+            geometry = density + torch.log(-torch.expm1(-density))  # inverse softplus
+        else:
+            geometry = sdf
+        return geometry, COLOUR.expand(*points.shape[:-1], 3)
+
+
+@pytest.mark.parametrize("kind", ["sdf", "density"])
+def test_surface_of_an_analytic_sphere_field_has_the_right_volume(kind):
+    from amortized3d.export import surface_query
+
+    mesh = extract_mesh(surface_query(SphereField(kind), density_threshold=10.0), resolution=64, bound=1.0)
+    assert mesh.is_watertight and mesh.volume > 0
+    assert mesh.volume == pytest.approx(4 / 3 * math.pi * RADIUS ** 3, rel=0.02)
+    assert (mesh.visual.vertex_colors[:, :3] == np.array([51, 102, 204], dtype=np.uint8)).all()
+
+
+def test_export_of_a_prompt_never_seen_in_training(tmp_path, cache_dir):
+    from amortized3d.cameras import orbit_cameras
+    from amortized3d.export import export_prompt
+    from amortized3d.train import build_system
+    from conftest import compose
+
+    system, _, corpus = build_system(compose(tmp_path, cache_dir))
+    prompt = "a purple torus"  # held out of the training split
+    assert prompt not in system.train_prompts
+    mesh_path = export_prompt(system.eval(), prompt, tmp_path / "t.ply", mesh_resolution=32)
+    mesh = trimesh.load(mesh_path, force="mesh")
+    # the untrained generator's SDF starts as a 0.5 sphere (renderer config): about its volume
+    assert 0.2 < (3 * mesh.volume / (4 * math.pi)) ** (1 / 3) < 0.8
+    video = export_prompt(system, prompt, tmp_path / "t.gif", cameras=orbit_cameras(5, 16), fps=5)
+    assert iio.imread(video, index=None).shape == (5, 16, 16, 3)
+    with pytest.raises(ValueError, match="mp4, gif, obj, ply, glb"):
+        export_prompt(system, prompt, tmp_path / "t.stl")

@@ -135,7 +135,10 @@ def test_wandb_logger_works_offline(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    train(compose(tmp_path, cache_dir, "logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2"))
+    train(compose(tmp_path, cache_dir, "logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2",
+                  f"callbacks.validation_metrics.video_dir={tmp_path / 'val_videos'}"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, f"no offline wandb run under {tmp_path / 'wandb'}"
+    # the validation turntable (ValidationMetrics) reached wandb's media
+    assert list(runs[0].glob("files/media/videos/val/turntable_*.mp4"))
     assert (tmp_path / "csv" / "metrics.csv").is_file()

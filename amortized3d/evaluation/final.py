@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from amortized3d.cameras import CameraBatch, orbit_cameras
-from amortized3d.evaluation.oracle import oracle_views, summarize
+from amortized3d.evaluation.oracle import corpus_prompts, oracle_references, oracle_views, summarize
 from amortized3d.export import write_video
-from amortized3d.scenes.references import render_objects
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +76,7 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
 
 def _oracle(world, renderer, corpus, cameras: CameraBatch, renders: dict[str, Tensor],
             renderable: dict[str, list[str]], bake: tuple[int, float] | None) -> dict:
-    all_prompts = list(dict.fromkeys(p for s in ("train", "val", "test") if s in corpus.splits
-                                     for p in corpus.unique(s)))
-    object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in all_prompts}))
-    cams = CameraBatch.cat([cameras] * len(object_ids))
-    # Ground truth goes through the same renderer (and the same baking) as the generator.
-    references = render_objects(world, object_ids, cams, renderer, bake=bake)
-    reference_objects = object_ids.repeat_interleave(len(cameras))
+    references, reference_objects = oracle_references(world, corpus_prompts(corpus), cameras, renderer, bake)
     train = set(corpus.unique("train"))
     out = {}
     for split, prompts in renderable.items():

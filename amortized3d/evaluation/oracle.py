@@ -7,6 +7,7 @@ belongs to the prompt's object. Averaged over views, then prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +36,26 @@ def oracle_views(generated: Tensor, references: Tensor, reference_objects: Tenso
     psnr = -10.0 * torch.log10(nearest_own.clamp_min(1e-10))
     r_at_1 = (reference_objects[mse.argmin(dim=1)] == own_object).double()
     return OracleResult(psnr=psnr, r_at_1=r_at_1)
+
+
+def corpus_prompts(corpus) -> list[str]:
+    """Every prompt of the corpus (train, val, test): the oracle's candidate objects."""
+    return list(dict.fromkeys(p for s in ("train", "val", "test") if s in corpus.splits for p in corpus.unique(s)))
+
+
+@torch.no_grad()
+def oracle_references(world, prompts: Sequence[str], cameras, renderer, bake: tuple[int, float] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """Renders [O*V,3,H,W] of the objects of ``prompts`` from ``cameras`` and their object ids [O*V].
+
+    Ground truth goes through the same renderer (and the same baking) as the generator.
+    """
+    from amortized3d.cameras import CameraBatch
+    from amortized3d.scenes.references import render_objects
+
+    object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in prompts}))
+    references = render_objects(world, object_ids, CameraBatch.cat([cameras] * len(object_ids)), renderer, bake=bake)
+    return references, object_ids.repeat_interleave(len(cameras))
 
 
 def summarize(per_prompt: dict[str, OracleResult], groups: dict[str, list[str]] | None = None) -> dict:

@@ -1,0 +1,47 @@
+"""``export(cfg)``: turntable video or mesh of any prompt from a checkpoint (scripts/export.py)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from amortized3d.cameras import orbit_cameras
+from amortized3d.evaluation.evaluate import _device, render_settings
+from amortized3d.evaluation.final import bake_settings, evaluation_renderer, slugify
+from amortized3d.export import MESH_FORMATS, VIDEO_FORMATS, export_prompt
+
+log = logging.getLogger(__name__)
+FORMATS = tuple(s[1:] for s in VIDEO_FORMATS + MESH_FORMATS)
+
+
+def export(cfg: DictConfig) -> list[Path]:
+    """Write ``cfg.prompt`` in every format of ``cfg.format`` (one name or a list) -> the paths."""
+    from amortized3d.evaluation.checkpoint import load_system
+
+    formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format(s) {unknown}; valid formats: {', '.join(FORMATS)}")
+    paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
+    system, _, _, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
+    system = system.to(_device(str(cfg.get("device", "auto"))))
+    out_dir = Path(cfg.paths.output_dir)
+    stem = cfg.get("name") or slugify(cfg.prompt)
+    written = []
+    for fmt in formats:
+        path = out_dir / f"{stem}.{fmt}"
+        if f".{fmt}" in VIDEO_FORMATS:
+            settings = render_settings(cfg, ckpt_cfg)
+            cameras = orbit_cameras(settings.num_views, settings.resolution, settings.elevation_deg,
+                                    settings.distance, settings.fovy_deg)
+            export_prompt(system, cfg.prompt, path, cameras=cameras, bake=bake_settings(settings, system.renderer),
+                          renderer=evaluation_renderer(system.renderer, settings), fps=int(cfg.fps))
+        else:
+            bound = cfg.mesh.bound if cfg.mesh.bound is not None else float(system.renderer.bound_radius or 1.0)
+            export_prompt(system, cfg.prompt, path, mesh_resolution=int(cfg.mesh.resolution), bound=float(bound),
+                          level=float(cfg.mesh.level), density_threshold=float(cfg.mesh.density_threshold),
+                          chunk=int(cfg.mesh.chunk))
+        log.info("wrote %s", path)
+        written.append(path)
+    return written

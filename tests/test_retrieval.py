@@ -1,0 +1,93 @@
+"""CLIP R@1 / Sim from embeddings, and the shard/gather of evaluation prompts (pure functions)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from amortized3d.data import ShardLayout
+from amortized3d.evaluation.retrieval import prompt_means, retrieve
+from amortized3d.evaluation.shard import merge_shards, shard_indices
+
+
+def brute_force(images: torch.Tensor, texts: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the full cosine matrix, torch.argmax (first maximum) per row."""
+    scores = torch.nn.functional.normalize(images.double(), dim=-1) @ torch.nn.functional.normalize(
+        texts.double(), dim=-1).T
+    return scores[torch.arange(len(own)), own], (scores.argmax(dim=1) == own).double()
+
+
+def test_orthogonal_embeddings_give_known_answers():
+    texts = torch.eye(4) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]  # scale must not matter
+    # image i points at text perm[i]; own prompt is i: hits exactly where perm[i] == i
+    perm = torch.tensor([0, 2, 1, 3])
+    images = torch.eye(4)[perm] * 5.0
+    res = retrieve(images, texts, torch.arange(4), image_chunk=3, text_chunk=3)
+    assert res.hit.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert res.similarity.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert res.best.tolist() == perm.tolist()
+    # an image halfway between texts 1 and 3: cosine 1/sqrt(2) with each
+    half = retrieve(torch.tensor([[0.0, 1.0, 0.0, 1.0]]), texts, torch.tensor([3]))
+    assert half.similarity.item() == pytest.approx(1 / math.sqrt(2), abs=1e-12)
+
+
+def test_ties_go_to_the_lowest_index_in_every_chunking():
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # 0, 1, 3 identical
+    images = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+    own = torch.tensor([0, 1, 3, 2])
+    for text_chunk in (1, 2, 3, 4):
+        res = retrieve(images, texts, own, image_chunk=2, text_chunk=text_chunk)
+        assert res.best.tolist() == [0, 0, 0, 2]
+        assert res.hit.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("image_chunk,text_chunk", [(1, 1), (7, 5), (1000, 1000), (16, 3)])
+def test_chunked_retrieval_equals_brute_force(image_chunk, text_chunk):
+    g = torch.Generator().manual_seed(0)
+    texts = torch.randn(37, 16, generator=g)
+    own = torch.randint(0, 37, (53,), generator=g)
+    # images near their own text, with enough noise that many views miss
+    images = texts[own] + 1.5 * torch.randn(53, 16, generator=g)
+    sim, hit = brute_force(images, texts, own)
+    res = retrieve(images, texts, own, image_chunk=image_chunk, text_chunk=text_chunk)
+    assert torch.allclose(res.similarity, sim, atol=1e-12)
+    assert torch.equal(res.hit, hit)
+    assert 0 < hit.sum() < len(hit)  # the case is not degenerate
+
+
+def test_views_then_prompts_average_and_bad_input():
+    per_view = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # 2 prompts x 3 views
+    assert prompt_means(per_view, 3).tolist() == pytest.approx([1 / 3, 1.0])
+    with pytest.raises(ValueError, match="views"):
+        prompt_means(per_view, 4)
+    with pytest.raises(ValueError, match="own indices"):
+        retrieve(torch.ones(2, 3), torch.ones(4, 3), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="same D"):
+        retrieve(torch.ones(2, 3), torch.ones(4, 5), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("num_items", [1, 2, 5, 7, 16, 17])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_shards_cover_every_item_once_with_the_data_layout(num_items, world):
+    shards = [shard_indices(num_items, world, r) for r in range(world)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(num_items)) and len(flat) == num_items
+    per_rank = math.ceil(num_items / world)
+    assert all(len(s) <= per_rank for s in shards)
+    # the same slots (and padding rule) as the training prompt stream without shuffling
+    layout = ShardLayout(num_items, per_rank, world, shuffle=False)
+    for r, s in enumerate(shards):
+        ids, w = layout.batch(0, r)
+        assert s == ids[w > 0].tolist()
+    gathered = merge_shards([{i: f"row{i}" for i in s} for s in shards], num_items)
+    assert gathered == [f"row{i}" for i in range(num_items)]
+
+
+def test_merge_refuses_duplicates_and_losses():
+    with pytest.raises(RuntimeError, match="twice"):
+        merge_shards([{0: "a", 1: "b"}, {1: "b"}], 2)
+    with pytest.raises(RuntimeError, match=r"missing \[2\]"):
+        merge_shards([{0: "a"}, {1: "b"}], 3)
+    with pytest.raises(RuntimeError, match=r"unexpected \[5\]"):
+        merge_shards([{0: "a", 5: "x"}], 1)
