@@ -55,30 +55,75 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, **grid) -> list[di
              "speedup_vs_naive": base / v} for k, v in times.items()]
 
 
-def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = (), rounds: int = 5,
-                         cache_dir: str | None = None) -> list[dict]:
-    """Seconds per full training step (render + guidance + optimizer steps) per guidance, relative to SDS."""
+def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = None) -> dict:
+    """{name: (system, cfg)} from ``configs/train.yaml`` with each variant's Hydra overrides."""
     from hydra import compose, initialize_config_dir
 
     from amortized3d.train import build_system
-    from amortized3d.benchmark_steps import make_step_runner
 
     root = Path(__file__).resolve().parents[1]
-    runners = {}
+    out = {}
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
-        for name in guidances:
-            ov = ["paths.output_dir=/tmp/amortized3d-bench", f"guidance={name}", *overrides]
+        for name, overrides in variants.items():
+            ov = ["paths.output_dir=/tmp/amortized3d-bench", *overrides]
             if cache_dir:
                 ov.append(f"paths.cache_dir={cache_dir}")
             cfg = compose("train", overrides=ov)
-            system, _, _ = build_system(cfg)
-            runners[name] = make_step_runner(system, cfg)
+            out[name] = (build_system(cfg)[0], cfg)
+    return out
+
+
+def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = (), rounds: int = 5,
+                         cache_dir: str | None = None) -> list[dict]:
+    """Seconds per full training step (render + guidance + optimizer steps) per guidance, relative to SDS."""
+    from amortized3d.benchmark_steps import make_step_runner
+
+    systems = _build_systems({g: [f"guidance={g}", *overrides] for g in guidances}, cache_dir)
+    runners = {name: make_step_runner(system, cfg) for name, (system, cfg) in systems.items()}
     for _ in range(rounds):  # round-robin, so a slow moment of the machine hits every guidance
         for run in runners.values():
             run()
     times = {k: statistics.median(run.measured) for k, run in runners.items()}
     base = times.get("sds", next(iter(times.values())))
     return [{"benchmark": "training step", "variant": k, "seconds": v, "relative_to_sds": v / base}
+            for k, v in times.items()]
+
+
+def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
+                 cache_dir: str | None = None) -> list[dict]:
+    """Render throughput of the configured generator + renderer (rays/s): training renders
+    (forward + backward through the field) and evaluation renders (no grad, direct and from the
+    baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
+    at the configured resolution and sample budget."""
+    from amortized3d.cameras import CameraBatch, orbit_cameras
+    from amortized3d.evaluation.final import bake_settings, evaluation_renderer
+
+    system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
+    prompts = system.train_prompts[:views]
+    res = int(cfg.system.resolution)
+    cams = CameraBatch.cat([orbit_cameras(1, res)] * len(prompts))
+    eval_renderer = evaluation_renderer(system.renderer, cfg.evaluation)
+    bake = bake_settings(cfg.evaluation, system.renderer)
+    eval_views = orbit_cameras(int(cfg.evaluation.num_views), res)
+
+    def train_render():
+        system.generator.zero_grad(set_to_none=True)
+        system.render(prompts, cams).rgb.sum().backward()
+
+    @torch.no_grad()
+    def eval_render(bake_grid):
+        return lambda: system.render(prompts[:1], eval_views, bake=bake_grid, renderer=eval_renderer)
+
+    candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
+    if bake is not None:
+        candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
+    times = time_interleaved(candidates, rounds=rounds)
+    rays = {k: (len(prompts) if k.startswith("train") else len(eval_views)) * res * res for k in times}
+    base = rays["train: forward+backward"] / times["train: forward+backward"]
+    samples = {"train": system.renderer.num_samples + system.renderer.num_importance,
+               "eval": eval_renderer.num_samples + eval_renderer.num_importance}
+    return [{"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
+             "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
             for k, v in times.items()]
 
 

@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py                       # hash grid + training step per guidance
     python scripts/benchmark.py --only hash_grid --json out.json
+    python scripts/benchmark.py --only render                 # rays/s of training and evaluation renders
     python scripts/benchmark.py --only cache_size             # bytes per prompt of the text cache
 """
 import argparse
@@ -11,13 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amortized3d.benchmark import (bench_cache_size, bench_hash_grid, bench_training_steps,  # noqa: E402
+from amortized3d.benchmark import (bench_cache_size, bench_hash_grid, bench_render, bench_training_steps,  # noqa: E402
                                    write_report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["hash_grid", "steps", "cache_size"], default=None)
+    parser.add_argument("--only", choices=["hash_grid", "render", "steps", "cache_size"], default=None)
     parser.add_argument("--guidances", nargs="+", default=["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--points", type=int, default=65536)
@@ -27,6 +28,8 @@ def main() -> None:
     rows = []
     if args.only in (None, "hash_grid"):
         rows += bench_hash_grid(args.points, rounds=args.rounds)
+    if args.only in (None, "render"):
+        rows += bench_render(args.override, rounds=args.rounds)
     if args.only in (None, "steps"):
         configs = Path(__file__).resolve().parents[1] / "configs" / "guidance"
         missing = [g for g in args.guidances if not (configs / f"{g}.yaml").exists()]

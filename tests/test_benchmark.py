@@ -1,0 +1,27 @@
+"""scripts/benchmark.py's measurements run on the real configs and report consistent ratios."""
+from __future__ import annotations
+
+import pytest
+
+from amortized3d.benchmark import bench_render, bench_training_steps
+from conftest import TINY
+
+TINY_BENCH = [o for o in TINY if not o.startswith(("callbacks.", "~callbacks", "trainer.max_steps"))]
+
+
+def test_render_benchmark_rows(cache_dir):
+    rows = bench_render([*TINY_BENCH, "evaluation.num_views=3"], rounds=1, views=2, cache_dir=str(cache_dir))
+    by_variant = {r["variant"]: r for r in rows}
+    train = by_variant["train: forward+backward"]
+    assert train["rays_per_s_vs_train_render"] == 1.0 and train["samples_per_ray"] == 16
+    assert {"eval: direct (no grad)", "eval: baked 32^3 grid (no grad)"} <= set(by_variant)
+    for r in rows:
+        assert r["seconds"] > 0 and r["rays_per_s"] == pytest.approx(r["rays_per_s_vs_train_render"]
+                                                                     * train["rays_per_s"])
+
+
+@pytest.mark.slow
+def test_training_step_benchmark_is_relative_to_sds(cache_dir):
+    rows = bench_training_steps(["sds", "l2vsd"], TINY_BENCH, rounds=1, cache_dir=str(cache_dir))
+    rel = {r["variant"]: r["relative_to_sds"] for r in rows}
+    assert rel["sds"] == 1.0 and rel["l2vsd"] > 0
