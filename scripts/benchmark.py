@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py                       # hash grid + training step per guidance
     python scripts/benchmark.py --only hash_grid --json out.json
+    python scripts/benchmark.py --only conv3d_memory  # 3DConv-net params + peak memory per prompt (minutes on CPU)
 """
 import argparse
 import sys
@@ -10,16 +11,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amortized3d.benchmark import bench_hash_grid, bench_training_steps, write_report  # noqa: E402
+from amortized3d.benchmark import (  # noqa: E402
+    bench_conv3d_memory, bench_hash_grid, bench_training_steps, write_report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["hash_grid", "steps"], default=None)
+    parser.add_argument("--only", choices=["hash_grid", "steps", "conv3d_memory"], default=None,
+                        help="default: hash_grid and steps (conv3d_memory only when asked: minutes on a CPU)")
     parser.add_argument("--guidances", nargs="+", default=["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--points", type=int, default=65536)
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the step benchmark")
+    parser.add_argument("--conv3d", nargs=3, type=int, default=[128, 32, 1], metavar=("RES", "CH", "MULT"),
+                        help="3DConv-net grid resolution, channels, channel multiplier")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = []
@@ -31,6 +36,9 @@ def main() -> None:
         if missing:
             raise SystemExit(f"unknown guidances {missing}; valid: {sorted(p.stem for p in configs.glob('*.yaml'))}")
         rows += bench_training_steps(args.guidances, args.override, rounds=args.rounds)
+    if args.only == "conv3d_memory":
+        res, ch, mult = args.conv3d
+        rows += bench_conv3d_memory(res, ch, channel_multiplier=mult, checkpointing=(False, True))
     print(write_report(rows, args.json))
 
 

@@ -151,3 +151,15 @@ def test_bad_inputs_are_rejected():
         gen(torch.randn(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"z must be \[2,8\]"):
         gen(torch.randn(2, E, dtype=torch.float64), None, z=torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_peak_memory_measurement_and_benchmark_row():
+    from amortized3d.benchmark import bench_conv3d_memory, peak_allocated_bytes
+
+    n = 1 << 20
+    peak = peak_allocated_bytes(lambda: torch.empty(n, dtype=torch.float32).fill_(1.0).sum())
+    assert 4 * n <= peak <= 4 * n + 65536  # the 4 MiB tensor (plus the scalar sum)
+    rows = bench_conv3d_memory(resolution=8, channels=4, text_dim=E, channel_base=32, channel_max=8,
+                               num_points=512, precisions=("fp32",))
+    gen = Conv3dGenerator(text_dim=E, resolution=8, channels=4, channel_base=32, channel_max=8)
+    assert rows[0]["parameters"] == sum(p.numel() for p in gen.parameters()) and rows[0]["peak_bytes"] > 0
