@@ -152,6 +152,84 @@ def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens:
             rows.append({"benchmark": "embedding cache size", "variant": f"{kind} fp16, E={embedding_dim}",
                          "prompts": num_prompts, "bytes_per_prompt": size / num_prompts,
                          "build_seconds": seconds})
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of live tensors during ``fn()`` above those live before it (CPU or CUDA).
+
+    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the torch profiler's allocation
+    events (``profile_memory=True``), whose ``total_allocated`` is the allocator's live total
+    after each event; tracemalloc would not see tensor memory (not allocated by Python).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int, int]] = []  # (time, bytes allocated (<0: freed), live bytes after)
+
+    def walk(event) -> None:
+        fields = event.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            events.append((event.start_time_ns, fields.alloc_size, fields.total_allocated))
+        for child in event.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    if not events:
+        return 0
+    events.sort()
+    base = events[0][2] - events[0][1]  # live bytes before the first event
+    return max(e[2] for e in events) - base
+
+
+def bench_conv3d_memory(resolution: int = 128, channels: int = 32, text_dim: int = 1024,
+                        precisions: Sequence[str] = ("fp32", "bf16"), checkpointing: Sequence[bool] = (False,),
+                        num_points: int = 64 * 64 * 192, **generator) -> list[dict]:
+    """Parameters and peak memory per prompt (B=1) of one 3DConv-net forward+backward.
+
+    The step measured: generate the feature grid, query it at ``num_points`` points (default: a
+    64x64 render with 192 samples per ray, ScaleDreamer's 3DConv-net setting), backward. bf16 =
+    autocast of the whole step; parameters and their gradients stay fp32. Peak = activations,
+    gradients and temporaries above what was live before (parameters excluded; see params_bytes).
+    """
+    from amortized3d.generators.conv3d import Conv3dGenerator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for ckpt in checkpointing:
+        torch.manual_seed(0)
+        gen = Conv3dGenerator(text_dim=text_dim, resolution=resolution, channels=channels,
+                              gradient_checkpointing=ckpt, **generator).to(device)
+        n_params = sum(p.numel() for p in gen.parameters())
+        n_buffers = sum(b.numel() for b in gen.buffers())
+        text = torch.randn(1, text_dim, device=device)
+        points = torch.rand(1, num_points, 3, device=device) * 2 - 1
+
+        for precision in precisions:
+            dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+            def step() -> None:
+                gen.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    sdf, rgb = gen(text, None, z=gen.sample_latent(1)).query(points)
+                    loss = sdf.float().square().mean() + rgb.float().mean()
+                loss.backward()
+                gen.zero_grad(set_to_none=True)  # gradients are freed again: not part of the next baseline
+
+            t0 = time.perf_counter()
+            peak = peak_allocated_bytes(step)
+            rows.append({"benchmark": "conv3d memory per prompt", "variant": f"{resolution}^3x{channels} {precision}"
+                         + (" checkpointed" if ckpt else ""), "device": device, "parameters": n_params,
+                         "params_bytes": 4 * n_params, "buffers": n_buffers, "peak_bytes": peak,
+                         "peak_GiB": peak / 2**30, "seconds": time.perf_counter() - t0,
+                         "method": "torch.cuda.max_memory_allocated" if device == "cuda" else "torch.profiler allocations"})
     return rows
 
 

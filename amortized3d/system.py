@@ -195,7 +195,9 @@ class AmortizedSystem(L.LightningModule):
         cameras = cameras.to(self.device)
         order = self.guidance.update_order
         text_emb = self.text_table[ids]
-        field = self.generator(text_emb, ids)
+        z = self.generator.sample_latent(  # fresh per step, keyed by it (exact resume); None if no latent
+            len(ids), step_generator(self.seed, self.batch_index, self.global_rank, "latent"))
+        field = self.generator(text_emb, ids, z=z)  # once per step: shared by all views and ray samples
         out = self.renderer(field, cameras, background=self.train_background, regularizers=self._active_regularizers(),
                             compute_normals=self.guidance.needs_normals,
                             generator=step_generator(self.seed, self.batch_index, self.global_rank, "render"))

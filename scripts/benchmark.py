@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Speed/memory benchmarks as ratios measured in one run.
 
-    python scripts/benchmark.py                       # hash grid + training step per guidance
+    python scripts/benchmark.py                       # all below but conv3d_memory
     python scripts/benchmark.py --only hash_grid --json out.json
-    python scripts/benchmark.py --only render                 # rays/s of training and evaluation renders
-    python scripts/benchmark.py --only cache_size             # bytes per prompt of the text cache
+    python scripts/benchmark.py --only render         # rays/s of training and evaluation renders
+    python scripts/benchmark.py --only cache_size     # bytes per prompt of the text cache
+    python scripts/benchmark.py --only conv3d_memory  # 3DConv-net params + peak memory per prompt (minutes on CPU)
 """
 import argparse
 import sys
@@ -12,17 +13,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amortized3d.benchmark import (bench_cache_size, bench_hash_grid, bench_render, bench_training_steps,  # noqa: E402
-                                   write_report)
+from amortized3d.benchmark import (bench_cache_size, bench_conv3d_memory, bench_hash_grid, bench_render,  # noqa: E402
+                                   bench_training_steps, write_report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["hash_grid", "render", "steps", "cache_size"], default=None)
+    parser.add_argument("--only", choices=["hash_grid", "render", "steps", "cache_size", "conv3d_memory"],
+                        default=None, help="default: all but conv3d_memory (minutes on a CPU)")
     parser.add_argument("--guidances", nargs="+", default=["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--points", type=int, default=65536)
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the step benchmark")
+    parser.add_argument("--conv3d", nargs=3, type=int, default=[128, 32, 1], metavar=("RES", "CH", "MULT"),
+                        help="3DConv-net grid resolution, channels, channel multiplier")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = []
@@ -38,6 +42,9 @@ def main() -> None:
         rows += bench_training_steps(args.guidances, args.override, rounds=args.rounds)
     if args.only in (None, "cache_size"):
         rows += bench_cache_size()
+    if args.only == "conv3d_memory":
+        res, ch, mult = args.conv3d
+        rows += bench_conv3d_memory(res, ch, channel_multiplier=mult, checkpointing=(False, True))
     print(write_report(rows, args.json))
 
 

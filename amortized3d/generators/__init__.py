@@ -5,6 +5,7 @@ Import-light: nothing here imports CUDA extensions; tinycudann is imported lazil
 names to import paths for code that wants a name-based registry besides Hydra ``_target_``.
 """
 from amortized3d.generators.base import Field, FieldKind, Generator
+from amortized3d.generators.conv3d import Conv3dGenerator
 from amortized3d.generators.encodings import HashGridEncoding
 from amortized3d.generators.fields import HashGridField
 from amortized3d.generators.hyper_ingp import HyperIngpGenerator
@@ -13,9 +14,10 @@ from amortized3d.generators.ingp import IngpGenerator
 GENERATORS: dict[str, str] = {
     "ingp": "amortized3d.generators.ingp.IngpGenerator",
     "hyper_ingp": "amortized3d.generators.hyper_ingp.HyperIngpGenerator",
+    "conv3d": "amortized3d.generators.conv3d.Conv3dGenerator",
 }
 
 __all__ = [
-    "Field", "FieldKind", "Generator", "HashGridEncoding", "HashGridField",
+    "Conv3dGenerator", "Field", "FieldKind", "Generator", "HashGridEncoding", "HashGridField",
     "HyperIngpGenerator", "IngpGenerator", "GENERATORS",
 ]

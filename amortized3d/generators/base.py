@@ -37,6 +37,15 @@ class Generator(nn.Module):
 
     field_kind: FieldKind = "sdf"
     supports_unseen_prompts: bool = True
+    latent_dim: int = 0  # > 0: forward takes a z [B, latent_dim], drawn per step by sample_latent
+
+    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """A fresh latent per prompt for one training step (None: the generator has no latent).
+
+        The system passes its step-keyed RNG, so a resumed run draws the same z; without a z
+        (evaluation) latent generators use a fixed one.
+        """
+        return None
 
     def forward(self, text_emb: Tensor, prompt_ids: Tensor, z: Tensor | None = None) -> Field:  # noqa: D401
         raise NotImplementedError("abstract: subclasses return a Field")
