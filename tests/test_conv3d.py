@@ -163,3 +163,12 @@ def test_peak_memory_measurement_and_benchmark_row():
                                num_points=512, precisions=("fp32",))
     gen = Conv3dGenerator(text_dim=E, resolution=8, channels=4, channel_base=32, channel_max=8)
     assert rows[0]["parameters"] == sum(p.numel() for p in gen.parameters()) and rows[0]["peak_bytes"] > 0
+
+
+def test_parameter_groups_split_heads_from_the_network_and_cover_every_parameter():
+    gen = small()
+    groups = gen.parameter_groups()
+    assert [g["name"] for g in groups] == ["network", "heads"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in gen.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for m in (gen.sdf_head, gen.rgb_head) for p in m.parameters()}

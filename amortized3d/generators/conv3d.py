@@ -95,6 +95,14 @@ class Conv3dGenerator(Generator):
         w = self.mapping(z.to(self.eval_z.dtype), text_emb.to(self.eval_z.dtype))
         return self.synthesis(w)
 
+    def parameter_groups(self) -> list[dict]:
+        """``network`` (mapping + synthesis) and ``heads`` (the SDF / albedo MLPs), for
+        ``system.optimizer.group_lr``."""
+        heads = [*self.sdf_head.parameters(), *self.rgb_head.parameters()]
+        head_ids = {id(p) for p in heads}
+        network = [p for p in self.parameters() if id(p) not in head_ids and p.requires_grad]
+        return [{"name": "network", "params": network}, {"name": "heads", "params": heads}]
+
     def forward(self, text_emb: Tensor, prompt_ids: Tensor | None = None, z: Tensor | None = None) -> VoxelField:
         return VoxelField(self.generate_volume(text_emb, z), self.sdf_head, self.rgb_head, self.bound,
                           self.sdf_bias, self.sdf_bias_radius)
