@@ -96,7 +96,7 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
     at the configured resolution and sample budget."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
-    from amortized3d.evaluation.final import bake_settings, evaluation_renderer
+    from amortized3d.evaluation.orbit import bake_settings, evaluation_renderer
 
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
     prompts = system.train_prompts[:views]

@@ -73,7 +73,7 @@ class ValidationMetrics(L.Callback):
         if not trainer.is_global_zero or (self._validations - 1) % self.every or datamodule is None:
             return
         from amortized3d.cameras import orbit_cameras
-        from amortized3d.evaluation.final import render_turntable, slugify
+        from amortized3d.evaluation.orbit import render_turntable, slugify
         from amortized3d.export import write_video
 
         all_val = pl_module.renderable(datamodule.val_prompts)

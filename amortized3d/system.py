@@ -31,7 +31,7 @@ FROZEN_PREFIX = "guidance.prior."  # the frozen prior is rebuilt from config, ne
 
 
 class AmortizedSystem(L.LightningModule):
-    def __init__(self, generator: Generator, renderer: VolumeRenderer, guidance: Guidance,
+    def __init__(self, generator: Generator, renderer: VolumeRenderer, guidance: Guidance | None,
                  text_encoder: TextEncoder, train_prompts: Sequence[str], text_table: Tensor,
                  optimizer: dict, loss_weights: dict[str, Any], views_per_prompt: int = 1,
                  resolution: int = 64, camera_ranges: CameraRanges = CameraRanges(),
@@ -92,6 +92,9 @@ class AmortizedSystem(L.LightningModule):
 
     # --- optimisation ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.guidance is None:
+            raise RuntimeError("this AmortizedSystem was built without a guidance (evaluation / export only: "
+                               "load_system(..., with_guidance=False)); build it with one to train")
         # The auxiliary (score) model is updated in its own backward passes, in an order DDP's
         # reducer does not expect; keep it out of the reducer and average its gradients ourselves.
         aux = {id(p) for g in self.guidance.auxiliary_parameter_groups() for p in g["params"]}
@@ -272,7 +275,8 @@ class AmortizedSystem(L.LightningModule):
 
     def _is_frozen(self, key: str) -> bool:
         if not hasattr(self, "_frozen_keys"):
-            self._frozen_keys = {f"guidance.{k}" for k in self.guidance.frozen_state_keys()}
+            keys = self.guidance.frozen_state_keys() if self.guidance is not None else ()
+            self._frozen_keys = {f"guidance.{k}" for k in keys}
         return key.startswith(FROZEN_PREFIX) or key in self._frozen_keys
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -38,8 +38,12 @@ def camera_ranges(cfg: DictConfig) -> CameraRanges:
                         elevation_deg=tuple(c.elevation_deg), azimuth_deg=tuple(c.azimuth_deg))
 
 
-def build_system(cfg: DictConfig, corpus=None) -> tuple[AmortizedSystem, Any, Any]:
-    """(system, prior, corpus) from a composed config; used by training, evaluation and export."""
+def build_system(cfg: DictConfig, corpus=None, *, with_guidance: bool = True) -> tuple[AmortizedSystem, Any, Any]:
+    """(system, prior, corpus) from a composed config; used by training, evaluation and export.
+
+    ``with_guidance=False`` builds neither the prior nor the guidance (prior is None): enough to
+    render, and it skips loading e.g. Stable Diffusion's UNet and VAE for CLIP evaluation or export.
+    """
     corpus = corpus or load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
     train_prompts = list(corpus.unique(cfg.data.train_split))
     with open_dict(cfg):
@@ -47,12 +51,14 @@ def build_system(cfg: DictConfig, corpus=None) -> tuple[AmortizedSystem, Any, An
     text_encoder = hydra.utils.instantiate(cfg.prior.text_encoder)
     text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(
         text_encoder, corpus.name, train_prompts)
-    prior = hydra.utils.instantiate(cfg.prior.model)
     generator = hydra.utils.instantiate(cfg.generator)
     renderer = hydra.utils.instantiate(cfg.renderer)
-    guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
-    guidance_cfg.pop("name", None)
-    guidance = hydra.utils.instantiate(guidance_cfg, prior=prior)
+    prior = guidance = None
+    if with_guidance:
+        prior = hydra.utils.instantiate(cfg.prior.model)
+        guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
+        guidance_cfg.pop("name", None)
+        guidance = hydra.utils.instantiate(guidance_cfg, prior=prior)
     system = AmortizedSystem(
         generator=generator, renderer=renderer, guidance=guidance, text_encoder=text_encoder,
         train_prompts=train_prompts, text_table=text_table,

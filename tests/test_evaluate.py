@@ -11,7 +11,7 @@ import torch
 from amortized3d.cameras import orbit_cameras
 from amortized3d.evaluation.clip import ClipEncoder, ClipWeightsError
 from amortized3d.evaluation.evaluate import evaluate
-from amortized3d.evaluation.final import evaluation_renderer, render_turntable
+from amortized3d.evaluation.orbit import evaluation_renderer, render_turntable
 from amortized3d.evaluation.scorers import clip_text_embeddings
 from amortized3d.train import train
 from conftest import CONFIGS, ROOT, compose

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from amortized3d.evaluation.oracle import oracle_views, pairwise_mse, summarize
+from amortized3d.evaluation.evaluate import summarize_rows
+from amortized3d.evaluation.oracle import oracle_views, pairwise_mse
 
 
 def test_pairwise_mse_matches_brute_force():
@@ -22,5 +23,6 @@ def test_psnr_to_nearest_own_reference_and_r_at_1():
     # view 1: nearest own ref 0.5 (mse 0.16) but nearest overall is 1.0 (object 1) -> miss
     assert abs(res.psnr[1].item() - 10 * math.log10(1 / 0.16)) < 1e-4
     assert res.r_at_1.tolist() == [1.0, 0.0]
-    summary = summarize({"a": res}, {"seen": ["a"], "held_out": []})
+    rows = [{"prompt": "a", "seen": True, "r_at_1": float(res.r_at_1.mean()), "psnr": float(res.psnr.mean())}]
+    summary = summarize_rows(rows, ["r_at_1", "psnr"])
     assert summary["overall"]["r_at_1"] == 0.5 and summary["held_out"]["num_prompts"] == 0

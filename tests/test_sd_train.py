@@ -72,3 +72,20 @@ def _check_lora_round_trip(tmp_path) -> None:
     assert any(float(saved[f"guidance.score_model.{n}"].abs().max()) > 0 for n in lora if "lora_B" in n)  # trained
     for name, param in lora.items():
         torch.testing.assert_close(param.detach(), saved[f"guidance.score_model.{name}"])
+    _check_render_only_load(ckpt, system)
+
+
+def _check_render_only_load(ckpt, full) -> None:
+    """Evaluation and export load without the SD prior (no UNet/VAE) and render exactly the same."""
+    from amortized3d.cameras import orbit_cameras
+    from amortized3d.evaluation.checkpoint import load_system
+
+    render_only, prior, *_ = load_system(ckpt, with_guidance=False)
+    assert prior is None and render_only.guidance is None
+    assert not any(k.startswith("guidance.") for k in render_only.state_dict())
+    cams = orbit_cameras(2, 16)
+    with torch.no_grad():
+        expected = full.eval().render(full.train_prompts[:1], cams).rgb
+        torch.testing.assert_close(render_only.render(full.train_prompts[:1], cams).rgb, expected)
+    with pytest.raises(RuntimeError, match="without a guidance"):
+        render_only.setup("fit")

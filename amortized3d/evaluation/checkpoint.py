@@ -8,11 +8,13 @@ import torch
 from omegaconf import OmegaConf
 
 
-def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu"):
+def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu",
+                with_guidance: bool = True):
     """(system, prior, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
 
     Overrides may change what does not alter parameter shapes (evaluation settings, the cache
-    directory, the renderer's sample budget, ...).
+    directory, the renderer's sample budget, ...). ``with_guidance=False``: a render-only system
+    (prior None), without building the prior (for Stable Diffusion: no UNet or VAE is loaded).
     """
     from amortized3d.train import build_system
 
@@ -26,7 +28,9 @@ def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locati
         raise ValueError(f"{path} holds no amortized3d config (hyper_parameters.config); was it written by "
                          "scripts/train.py?")
     cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
-    system, prior, corpus = build_system(cfg)
+    system, prior, corpus = build_system(cfg, with_guidance=with_guidance)
+    if not with_guidance:
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("guidance.")}
     system.on_load_checkpoint(ckpt)
     system.load_state_dict(ckpt["state_dict"])
     return system.eval(), prior, corpus, cfg

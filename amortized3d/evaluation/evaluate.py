@@ -17,14 +17,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from amortized3d.cameras import orbit_cameras
 from amortized3d.checkpoint_io import atomic_write
-from amortized3d.evaluation.final import bake_settings, evaluation_renderer, render_turntable, slugify
+from amortized3d.evaluation.orbit import Orbit, slugify
 from amortized3d.evaluation.scorers import Scorer, build_scorer
 from amortized3d.evaluation.shard import distributed_context, gather_results, shard_indices
 from amortized3d.export import write_image
@@ -38,22 +37,36 @@ def view_grid(renders: torch.Tensor, num_views: int) -> torch.Tensor:
     return torch.cat(list(picked.clamp(0, 1)), dim=-1)
 
 
-def score_prompts(system, candidates: Sequence[str], indices: Sequence[int], scorer: Scorer, cameras,
-                  bake, renderer, train_prompts: set[str], grid_dir: Path | None = None,
-                  grid_views: int = 8) -> dict[int, dict]:
-    """Render and score ``candidates[i]`` for each ``i`` in ``indices`` -> {i: row}."""
+RenderSink = Callable[[int, str, torch.Tensor], None]
+
+
+def score_prompts(system, candidates: Sequence[str], indices: Sequence[int], scorer: Scorer | None, orbit: Orbit,
+                  train_prompts: set[str], on_renders: Sequence[RenderSink] = ()) -> dict[int, dict]:
+    """Render ``candidates[i]`` for each ``i`` in ``indices``, score it -> {i: row}.
+
+    Each prompt's renders are handed to every ``on_renders(i, prompt, renders)`` (grids, videos)
+    and then dropped, so memory does not grow with the number of prompts. Without a scorer the
+    rows hold only index, prompt and seen.
+    """
     rows = {}
     for n, i in enumerate(indices):
         prompt = candidates[i]
-        renders = render_turntable(system, prompt, cameras, bake, renderer)
-        values = scorer.score(i, prompt, renders)
+        renders = orbit.render(system, prompt)
+        values = scorer.score(i, prompt, renders) if scorer is not None else {}
         rows[i] = {"index": i, "prompt": prompt, "seen": prompt in train_prompts,
                    **{k: float(v.double().mean()) for k, v in values.items()}}
-        if grid_dir is not None and grid_views > 0:
-            write_image(view_grid(renders, min(grid_views, len(renders))), grid_dir / f"{i:06d}_{slugify(prompt)}.png")
+        for sink in on_renders:
+            sink(i, prompt, renders)
         if n % 50 == 0:
-            log.info("scored %d/%d prompts", n + 1, len(indices))
+            log.info("rendered %d/%d prompts", n + 1, len(indices))
     return rows
+
+
+def grid_writer(grid_dir: Path, grid_views: int) -> RenderSink:
+    """``grid_views`` evenly spaced views of each prompt to ``grid_dir/<index>_<slug>.png``."""
+    def write(i: int, prompt: str, renders: torch.Tensor) -> None:
+        write_image(view_grid(renders, min(grid_views, len(renders))), grid_dir / f"{i:06d}_{slugify(prompt)}.png")
+    return write
 
 
 def summarize_rows(rows: Sequence[dict], metrics: Sequence[str]) -> dict:
@@ -102,7 +115,9 @@ def evaluate(cfg: DictConfig) -> dict:
     rank, world = distributed_context()
     device = _device(str(cfg.get("device", "auto")))
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
-    system, prior, corpus, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
+    # Only the oracle needs the prior (its ground-truth world); CLIP scores renders alone.
+    system, prior, corpus, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
+                                                  with_guidance=cfg.evaluator.get("name") == "oracle")
     system = system.to(device)
     if cfg.get("data") is not None:  # another corpus' prompts, conditioned by the checkpoint's text encoder
         corpus = load_corpus(cfg.data.get("corpus_path") or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
@@ -113,24 +128,18 @@ def evaluate(cfg: DictConfig) -> dict:
     if not evaluated:
         raise ValueError(f"no prompt of split {cfg.split!r} of corpus {corpus.name!r} can be rendered by this "
                          f"{type(system.generator).__name__} checkpoint")
-    settings = render_settings(cfg, ckpt_cfg)
-    cameras = orbit_cameras(settings.num_views, settings.resolution, settings.elevation_deg, settings.distance,
-                            settings.fovy_deg)
-    bake = bake_settings(settings, system.renderer)
-    renderer = evaluation_renderer(system.renderer, settings)
-    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, prior=prior, cameras=cameras,
-                          renderer=renderer, bake=bake, cache_dir=cfg.paths.cache_dir, device=device)
+    orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), system.renderer)
+    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, prior=prior, orbit=orbit,
+                          cache_dir=cfg.paths.cache_dir, device=device)
     mine = [evaluated[k] for k in shard_indices(len(evaluated), world, rank)]
-    local = score_prompts(system, candidates, mine, scorer, cameras, bake, renderer, set(system.train_prompts),
-                          output_dir / "grids", int(cfg.get("grid_views", 8)))
+    grid_views = int(cfg.get("grid_views", 8))
+    sinks = [grid_writer(output_dir / "grids", grid_views)] if grid_views > 0 else []
+    local = score_prompts(system, candidates, mine, scorer, orbit, set(system.train_prompts), sinks)
     gathered = gather_results({position[i]: row for i, row in local.items()}, len(evaluated))
     names = [k for k in gathered[0] if k not in ("index", "prompt", "seen")]
     metrics = {"checkpoint": str(cfg.ckpt_path), "corpus": corpus.name, "split": cfg.split,
                "num_candidates": len(candidates), "world_size": world,
-               "evaluation": {"num_views": len(cameras), "resolution": settings.resolution,
-                              "elevation_deg": settings.elevation_deg, "distance": settings.distance,
-                              "fovy_deg": settings.fovy_deg, "baked_grid": bake[0] if bake else None,
-                              "samples": [renderer.num_samples, renderer.num_importance]},
+               "evaluation": orbit.describe(),
                scorer.name: {**_evaluator_info(cfg.evaluator), **summarize_rows(gathered, names)}}
     if rank == 0:
         write_csv(gathered, output_dir / "per_prompt.csv")

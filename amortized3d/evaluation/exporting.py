@@ -6,9 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from amortized3d.cameras import orbit_cameras
 from amortized3d.evaluation.evaluate import _device, render_settings
-from amortized3d.evaluation.final import bake_settings, evaluation_renderer, slugify
+from amortized3d.evaluation.orbit import Orbit, slugify
 from amortized3d.export import MESH_FORMATS, VIDEO_FORMATS, export_prompt
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ def export(cfg: DictConfig) -> list[Path]:
     if unknown:
         raise ValueError(f"unknown format(s) {unknown}; valid formats: {', '.join(FORMATS)}")
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
-    system, _, _, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
+    system, _, _, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])], with_guidance=False)
     system = system.to(_device(str(cfg.get("device", "auto"))))
     out_dir = Path(cfg.paths.output_dir)
     stem = cfg.get("name") or slugify(cfg.prompt)
@@ -32,11 +31,9 @@ def export(cfg: DictConfig) -> list[Path]:
     for fmt in formats:
         path = out_dir / f"{stem}.{fmt}"
         if f".{fmt}" in VIDEO_FORMATS:
-            settings = render_settings(cfg, ckpt_cfg)
-            cameras = orbit_cameras(settings.num_views, settings.resolution, settings.elevation_deg,
-                                    settings.distance, settings.fovy_deg)
-            export_prompt(system, cfg.prompt, path, cameras=cameras, bake=bake_settings(settings, system.renderer),
-                          renderer=evaluation_renderer(system.renderer, settings), fps=int(cfg.fps))
+            orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), system.renderer)
+            export_prompt(system, cfg.prompt, path, cameras=orbit.cameras, bake=orbit.bake, renderer=orbit.renderer,
+                          fps=int(cfg.fps))
         else:
             bound = cfg.mesh.bound if cfg.mesh.bound is not None else float(system.renderer.bound_radius or 1.0)
             export_prompt(system, cfg.prompt, path, mesh_resolution=int(cfg.mesh.resolution), bound=float(bound),

@@ -56,21 +56,3 @@ def oracle_references(world, prompts: Sequence[str], cameras, renderer, bake: tu
     object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in prompts}))
     references = render_objects(world, object_ids, CameraBatch.cat([cameras] * len(object_ids)), renderer, bake=bake)
     return references, object_ids.repeat_interleave(len(cameras))
-
-
-def summarize(per_prompt: dict[str, OracleResult], groups: dict[str, list[str]] | None = None) -> dict:
-    """Per-prompt means and overall means (and per named group, e.g. seen / held-out)."""
-    rows = {p: {"psnr": float(r.psnr.mean()), "r_at_1": float(r.r_at_1.mean())} for p, r in per_prompt.items()}
-
-    def mean(prompts: list[str]) -> dict:
-        prompts = [p for p in prompts if p in rows]
-        if not prompts:
-            return {"psnr": None, "r_at_1": None, "num_prompts": 0}
-        return {"psnr": sum(rows[p]["psnr"] for p in prompts) / len(prompts),
-                "r_at_1": sum(rows[p]["r_at_1"] for p in prompts) / len(prompts),
-                "num_prompts": len(prompts)}
-
-    out = {"overall": mean(list(rows)), "per_prompt": rows}
-    for name, prompts in (groups or {}).items():
-        out[name] = mean(prompts)
-    return out

@@ -76,9 +76,9 @@ def clip_text_embeddings(encoder, corpus_name: str, candidates: Sequence[str], c
         encoder, corpus_name, list(candidates), batch_size=batch_size, barrier=barrier, is_builder=rank == 0)
 
 
-def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, prior, cameras, renderer, bake,
+def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, prior, orbit,
                  cache_dir: str | Path | None, device: str | torch.device = "cpu") -> Scorer:
-    """The scorer named by ``cfg.name`` (an ``evaluator/*.yaml`` config)."""
+    """The scorer named by ``cfg.name`` (an ``evaluator/*.yaml`` config); ``orbit``: an ``orbit.Orbit``."""
     name = cfg.get("name")
     if name == "clip":
         from amortized3d.evaluation.clip import ClipEncoder
@@ -95,5 +95,5 @@ def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, prior, cameras,
                              f"{type(prior).__name__} has none; use evaluator=clip")
         from amortized3d.evaluation.oracle import corpus_prompts
 
-        return OracleScorer(world, corpus_prompts(corpus), cameras, renderer, bake)
+        return OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake)
     raise ValueError(f"unknown evaluator {name!r}; valid evaluators: {', '.join(EVALUATORS)}")
