@@ -96,15 +96,15 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
     at the configured resolution and sample budget."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
-    from amortized3d.evaluation.orbit import bake_settings, evaluation_renderer
+    from amortized3d.evaluation.orbit import Orbit
 
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
     prompts = system.train_prompts[:views]
     res = int(cfg.system.resolution)
     cams = CameraBatch.cat([orbit_cameras(1, res)] * len(prompts))
-    eval_renderer = evaluation_renderer(system.renderer, cfg.evaluation)
-    bake = bake_settings(cfg.evaluation, system.renderer)
-    eval_views = orbit_cameras(int(cfg.evaluation.num_views), res)
+    orbit = Orbit.from_settings(cfg.evaluation, system.renderer)  # exactly the end-of-run evaluation's views
+    eval_renderer, bake, eval_views = orbit.renderer, orbit.bake, orbit.cameras
+    eval_res = int(orbit.settings["resolution"])
 
     def train_render():
         system.generator.zero_grad(set_to_none=True)
@@ -118,7 +118,8 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
     times = time_interleaved(candidates, rounds=rounds)
-    rays = {k: (len(prompts) if k.startswith("train") else len(eval_views)) * res * res for k in times}
+    rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
+            for k in times}
     base = rays["train: forward+backward"] / times["train: forward+backward"]
     samples = {"train": system.renderer.num_samples + system.renderer.num_importance,
                "eval": eval_renderer.num_samples + eval_renderer.num_importance}

@@ -28,7 +28,7 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     prompts_by_split = {s: system.renderable(corpus.unique(s)) for s in (cfg.splits or [])}
     video_list = system.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
     video_prompts = set(video_list)
-    prompts = list(dict.fromkeys([p for ps in prompts_by_split.values() for p in ps] + list(video_list)))
+    prompts = list(dict.fromkeys([p for ps in prompts_by_split.values() for p in ps] + video_list))
     world = getattr(prior, "world", None)
     scorer = OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake) if world else None
     video_dir = output_dir / "videos"
