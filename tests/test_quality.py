@@ -9,7 +9,7 @@ seed-to-seed variation and far above the untrained and chance levels.
 The 3DConv-net test trains `generator=conv3d guidance=asd` for 150 steps (half the default, to
 keep CI short: 3.8 min on an idle 2-core machine). Measured with the 0.3 bias sphere: train R@1
 0.78 / 21.1 dB, held-out 0.60 / 20.8 dB (12 views; with the former 0.5 sphere 0.75 / 19.8 and
-0.61 / 19.8). At the full 300 steps runs give train 0.93-1.00 and held-out 0.67-0.83 (README), so the
+0.61 / 19.8). At the full 300 steps six runs gave train 0.89-1.00 and held-out 0.61-0.99 (README), so the
 held-out bar leaves room for that spread.
 """
 import json
