@@ -1,6 +1,7 @@
 """ASD: the shared-noise construction, the timestep shift, the gradient, and ScaleDreamer's Eq. 3."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from amortized3d.cameras import sample_cameras
@@ -68,6 +69,19 @@ def test_delta_t_ranges_modes_and_clamping():
     clamp = ASDGuidance(prior, eta=1.0, delta_t_mode="fixed", t_max=0.999).noisy_pair(x0, make_input(rgb))
     assert torch.equal(clamp.t_plus, shifted(clamp.t, 1.0, lo))
     assert (clamp.t_plus == 999).any() and (clamp.t_plus < 999).any()
+
+
+def test_eta_schedule_sets_the_shift_at_each_step():
+    prior = analytic_prior()
+    rgb = off_manifold_renders(prior, 64)
+    x0 = prior.encode(rgb)
+    lo = 20  # t_min = 0.02
+    asd = ASDGuidance(prior, eta=[[0, 1.0], [100, 0.1]], delta_t_mode="fixed")
+    for step, eta in [(0, 1.0), (50, 0.55), (100, 0.1), (500, 0.1)]:
+        pair = asd.noisy_pair(x0, make_input(rgb, step=step))
+        assert torch.equal(pair.t_plus, shifted(pair.t, eta, lo)), step
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        ASDGuidance(prior, eta=[[0, 0.5], [10, -0.1]])
 
 
 def test_annealed_range_and_shift_use_the_current_t_min():

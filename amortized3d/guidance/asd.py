@@ -23,6 +23,7 @@ from torch import Tensor
 from amortized3d.guidance.base import (Guidance, GuidanceInput, GuidanceOutput, distillation_loss,
                                        expand_like)
 from amortized3d.priors.base import Prior
+from amortized3d.schedules import Scheduled
 
 
 @dataclass
@@ -42,22 +43,24 @@ class ASDNoisyPair:
 
 class ASDGuidance(Guidance):
     def __init__(self, prior: Prior, guidance_scale: float = 7.5, shifted_guidance_scale: float = 1.0,
-                 eta: float = 0.1, delta_t_mode: Literal["random", "fixed"] = "random",
+                 eta: Any = 0.1, delta_t_mode: Literal["random", "fixed"] = "random",
                  t_min: Any = 0.02, t_max: Any = 0.98, weighting: str = "sds", loss_weight: Any = 1.0):
         super().__init__(prior, t_min=t_min, t_max=t_max, weighting=weighting, loss_weight=loss_weight)
         if delta_t_mode not in ("random", "fixed"):
             raise ValueError(f"delta_t_mode must be 'random' or 'fixed', got {delta_t_mode!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        # eta may be a schedule ([[step, value], ...]) like the t range: a large dt makes the
+        # shifted branch approach pure noise, i.e. ASD approaches SDS (eps(x_{t+dt}) -> eps).
+        self.eta = Scheduled.parse(eta)
+        if any(v < 0 for _, v in self.eta.milestones):
+            raise ValueError(f"eta must be >= 0 at every milestone, got {eta}")
         self.guidance_scale = float(guidance_scale)
         self.shifted_guidance_scale = float(shifted_guidance_scale)
-        self.eta = float(eta)
         self.delta_t_mode = delta_t_mode
 
     def sample_delta_t(self, t: Tensor, step: int, generator: torch.Generator | None) -> Tensor:
         """dt [N] long: U[0, eta (t - t_min)] (random) or eta (t - t_min) (fixed), floored."""
         lo, _ = self.timesteps.range(step)
-        span = self.eta * (t - lo).clamp(min=0).double()
+        span = self.eta(step) * (t - lo).clamp(min=0).double()
         if self.delta_t_mode == "random":
             span = span * torch.rand(t.shape, generator=generator, dtype=torch.float64).to(t.device)
         return span.floor().long()
