@@ -7,10 +7,9 @@ and 0.00 / 14.2 dB (held-out), chance is 1/30. The bar sits below the measured r
 seed-to-seed variation and far above the untrained and chance levels.
 
 The 3DConv-net test trains `generator=conv3d guidance=asd` for 150 steps (half the default, to
-keep CI short: 3.8 min on an idle 2-core machine). Measured with the 0.3 bias sphere: train R@1
-0.78 / 21.1 dB, held-out 0.60 / 20.8 dB (12 views; with the former 0.5 sphere 0.75 / 19.8 and
-0.61 / 19.8). At the full 300 steps six runs gave train 0.89-1.00 and held-out 0.61-0.99 (README), so the
-held-out bar leaves room for that spread.
+keep CI short: 3.8 min on an idle 2-core machine). Measured: train R@1 0.75 / 19.8 dB, held-out
+0.61 / 19.8 dB (12 views). At the full 300 steps seven seeds gave train 0.88-1.00 and held-out
+0.57-0.94 (README), so the held-out bar leaves room for that spread.
 """
 import json
 
