@@ -18,6 +18,8 @@ def test_analytic_specialisation_is_applied_and_paper_numbers_stay_in_the_genera
     cfg = compose(tmp_path, cache_dir, "generator=conv3d", tiny=False)
     assert (cfg.generator.resolution, cfg.generator.channels, cfg.generator.bound) == (32, 16, 1.0)
     assert cfg.generator.z_dim == 64 and cfg.generator.w_dim == 256 and cfg.generator.text_dim == 1024
+    assert cfg.data.views_per_prompt == 2 and cfg.system.views_per_prompt == 2  # the specialisation's own
+    assert compose(tmp_path, cache_dir, "generator=hyper_ingp", tiny=False).data.views_per_prompt == 1
     from omegaconf import OmegaConf
     paper = OmegaConf.load(cfg.paths.root_dir + "/configs/generator/conv3d.yaml")
     assert (paper.resolution, paper.channels, paper.channel_multiplier) == (128, 32, 1)
@@ -32,8 +34,9 @@ def test_every_guidance_trains_the_conv3d_generator(tmp_path, cache_dir, guidanc
     system.generator.synthesis.register_forward_hook(lambda m, i, o: volumes.append(o.shape))
     make_step_runner(system, cfg, steps_per_call=1)()  # two real training steps under a Lightning Trainer
     assert system.batch_index == 2 and system.nonfinite_steps == 0
-    # One volume per prompt per step, shared by all views and ray samples of that step.
+    # One volume per prompt per step, shared by all views (2 here) and ray samples of that step.
     b = cfg.data.batch_size
+    assert cfg.data.views_per_prompt == 2
     assert volumes == [torch.Size([b, 8, 16, 16, 16])] * 2
     after = system.generator.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]

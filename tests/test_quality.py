@@ -7,9 +7,11 @@ and 0.00 / 14.2 dB (held-out), chance is 1/30. The bar sits below the measured r
 seed-to-seed variation and far above the untrained and chance levels.
 
 The 3DConv-net test trains `generator=conv3d guidance=asd` for 150 steps (half the default, to
-keep CI short: 3.8 min on an idle 2-core machine). Measured: train R@1 0.75 / 19.8 dB, held-out
-0.61 / 19.8 dB (12 views). At the full 300 steps seven seeds gave train 0.88-1.00 and held-out
-0.57-0.94 (README), so the held-out bar leaves room for that spread.
+keep CI short) with the analytic specialisation's 2 views per prompt. Measured: train R@1 0.72 /
+20.4 dB, held-out 0.67 / 20.3 dB (12 views; 13.4 min while sharing the 2 cores with another
+training run; at 1 view it was 0.75 / 19.8 and 0.61 / 19.8 in 3.8 min on an idle machine). At the
+full 300 steps seven seeds gave train 0.93-1.00 and held-out 0.74-0.94 (README), so the bars leave
+room for that spread.
 """
 import json
 
