@@ -111,9 +111,10 @@ def test_v_prediction_matches_schedule_identities():
 def test_gaussian_score_model_equals_gaussian_prior():
     g = torch.Generator().manual_seed(1)
     mean, factor = torch.randn(3, generator=g), torch.randn(3, 3, generator=g) + 2 * torch.eye(3)
-    cov = factor @ factor.T
+    tril = torch.linalg.cholesky(factor @ factor.T)  # float32: the score model stores float32 parameters
+    cov = tril.double() @ tril.double().T  # so both sides describe exactly the same Gaussian
     prior = GaussianPrior(mean[None], cov[None], ["p"])
-    model = GaussianScoreModel(3, mean, torch.linalg.cholesky(cov)).double()
+    model = GaussianScoreModel(3, mean, tril).double()
     x_t, t = torch.randn(8, 3, dtype=torch.float64, generator=g), torch.randint(0, 1000, (8,), generator=g)
     torch.testing.assert_close(model.predict_noise(x_t, t), prior.eps_exact(x_t, t, torch.zeros(8, dtype=torch.long)))
     torch.testing.assert_close(model.covariance(), cov.float().double(), rtol=1e-5, atol=1e-5)
