@@ -46,7 +46,7 @@ def build(tmp_path: Path, model_dir: Path, *extra: str, selection: str = "guidan
     """(score model, prior, guidance) of ``selection`` on the SD at ``model_dir``, via build_system."""
     overrides = [*sd_overrides(model_dir), selection, *extra]
     cfg = compose(tmp_path, tmp_path / "cache", *overrides, tiny=False)
-    if "prompt_index" in cfg.data and OmegaConf.is_missing(cfg.data, "prompt_index"):
+    if OmegaConf.is_missing(cfg.data, "prompt_index"):  # per-prompt experiments: one prompt per run
         cfg = compose(tmp_path, tmp_path / "cache", *overrides, "data.prompt_index=0", tiny=False)
     system, prior, _ = build_system(cfg, corpus=CORPUS)
     return system.guidance.score_model, prior, system.guidance
