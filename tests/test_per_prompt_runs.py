@@ -72,3 +72,19 @@ def test_with_train_prompt_keeps_the_other_splits():
     assert corpus.with_train_prompt(1).split("train") == ("b",)  # indices count unique prompts
     with pytest.raises(IndexError):
         corpus.with_train_prompt(-1)
+
+
+@pytest.mark.parametrize("experiment", VSD_PER_PROMPT)
+def test_the_documented_multirun_sweeps_every_mg15_prompt(experiment):
+    """The command in the config's comment is what Hydra expands to one run per train prompt."""
+    import re
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = (CONFIGS / "experiment" / f"{experiment}.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if "scripts/train.py -m" in ln and f"experiment={experiment}" in ln)
+    override = next(a for a in shlex.split(line.lstrip("# ")) if a.startswith("data.prompt_index="))
+    sweep = OverridesParser.create().parse_overrides([override])[0]
+    assert sweep.is_sweep_override() and list(sweep.sweep_iterator()) == list(range(15))  # mg15: 15 prompts
+    assert re.search(r"override /data: mg15", (CONFIGS / "experiment" / "vsd_ingp_per_prompt.yaml").read_text())

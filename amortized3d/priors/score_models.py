@@ -153,10 +153,11 @@ class ResBlock(nn.Module):
 class SmallUNetScoreModel(ScoreModel):
     """A small UNet: one ResBlock per resolution, stride-2 downsampling, nearest upsampling.
 
-    Conditioning follows ProlificDreamer's LoRA branch (App. F: camera added to the timestep
-    embedding): the text embedding is projected and added to the timestep embedding, and so is the
-    camera (Linear(16 -> emb), zero-initialised so that the camera starts neutral). The output conv is zero-initialised: the model starts at
-    eps = 0 (epsilon) or at the N(0, I)-data answer sqrt(1-abar) x_t (v-prediction).
+    Conditioning is added to the timestep embedding, as in ProlificDreamer's LoRA branch (App. F):
+    the text embedding through a Linear, and the camera through a single zero-initialised
+    Linear(16 -> emb) (neutral at the start; App. F and the LoRA model use a 2-layer MLP, a single
+    layer is this from-scratch model's simplification). The output conv is zero-initialised: the
+    model starts at eps = 0 (epsilon) or at the N(0, I)-data answer sqrt(1-abar) x_t (v-prediction).
     """
 
     def __init__(self, in_channels: int = 3, cond_dim: int = 1024, base_channels: int = 32,
