@@ -211,3 +211,16 @@ def test_camera_embedding_is_the_papers_two_layer_mlp_neutral_at_init(tmp_path, 
     with torch.no_grad():
         torch.nn.init.normal_(linears[1].weight, std=0.1)
         assert not torch.allclose(model.predict_noise(x, T, cond, cam), model.predict_noise(x, T, cond, None))
+
+
+def test_training_on_a_separate_base_checkpoints_only_the_lora(tmp_path, tiny_sd, tiny_sd_v):
+    from amortized3d.train import train
+
+    cfg = compose(tmp_path, tmp_path / "cache", *sd_overrides(tiny_sd), "guidance=vsd",
+                  f"prior.score_model.base_model_name_or_path={tiny_sd_v}", tiny=False)
+    metrics = train(cfg)
+    assert metrics["training"]["steps"] == 3 and metrics["training"]["nonfinite_steps"] == 0
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    score = [k for k in state if k.startswith("guidance.score_model.")]
+    assert score and all("lora_" in k or "class_embedding" in k for k in score)
+    assert any(".lora_B." in k and state[k].abs().sum() > 0 for k in score)  # the LoRA was trained
