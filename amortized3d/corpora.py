@@ -86,6 +86,15 @@ class Corpus:
     def counts(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.splits.items()}
 
+    def with_train_prompt(self, index: int, split: str = "train") -> "Corpus":
+        """This corpus with ``split`` reduced to its ``index``-th unique prompt (one prompt per run,
+        as ProlificDreamer trains); the other splits are kept, e.g. as retrieval candidates."""
+        prompts = self.unique(split)
+        if not 0 <= int(index) < len(prompts):
+            raise IndexError(f"prompt index {index} is out of range: split {split!r} of corpus {self.name!r} "
+                             f"has {len(prompts)} unique prompts (valid: 0..{len(prompts) - 1})")
+        return Corpus(self.name, {**self.splits, split: (prompts[int(index)],)}, self.source, self.sha256)
+
 
 # ---------------------------------------------------------------- manifest
 @functools.lru_cache(maxsize=4)

@@ -45,6 +45,9 @@ def build_system(cfg: DictConfig, corpus=None, *, with_guidance: bool = True) ->
     render, and it skips loading e.g. Stable Diffusion's UNet and VAE for CLIP evaluation or export.
     """
     corpus = corpus or load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
+    prompt_index = OmegaConf.select(cfg, "data.prompt_index", throw_on_missing=True)  # "???": must be chosen
+    if prompt_index is not None:  # one prompt per run (experiment/*_per_prompt.yaml)
+        corpus = corpus.with_train_prompt(int(prompt_index), cfg.data.train_split)
     train_prompts = list(corpus.unique(cfg.data.train_split))
     with open_dict(cfg):
         cfg.data.num_train_prompts = len(train_prompts)

@@ -193,3 +193,25 @@ def test_lora_exports_in_diffusers_format(prior, tmp_path):
     cond = model.text_condition(None, ["a", "b"], prior)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, encoder_hidden_states=cond).sample, model.predict_noise(x, t, cond))
+
+
+def test_a_tokenizer_saved_without_model_max_length_uses_the_encoders_positions(tmp_path, prior):
+    """transformers reports ~1e30 for such a tokenizer; padding to it raised OverflowError."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from amortized3d.priors.sd_tiny import build_tiny_sd, write_tokenizer_files
+
+    root = build_tiny_sd(tmp_path / "sd")  # the same seed, hence the same weights, as the fixture's
+    vocab, merges = write_tokenizer_files(tmp_path / "src")
+    shutil.rmtree(root / "tokenizer")
+    CLIPTokenizer(vocab=str(vocab), merges=str(merges)).save_pretrained(root / "tokenizer")
+    assert CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer").model_max_length > 1e20
+    unbounded = StableDiffusionPrior(str(root), vae_resolution=16, local_files_only=True)
+    emb = unbounded.prompt_embeddings(["a red cube"])
+    assert emb.shape == (1, 77, 32)  # the text encoder's max_position_embeddings
+    torch.testing.assert_close(emb, prior.prompt_embeddings(["a red cube"]))
+    enc = CLIPTextEncoder(str(root), local_files_only=True)
+    pooled, tokens = enc.encode_with_tokens(["a red cube"])
+    assert tokens.shape == (1, 77, 32) and pooled.shape == (1, 32) and enc.token_shape == (77, 32)

@@ -49,16 +49,35 @@ def distillation_loss(x0: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * (x0 - target).pow(2).flatten(1).sum(dim=1)
 
 
+#: w(t) by name. ``fantasia3d`` is threestudio's ``weighting_strategy: fantasia3d`` (also the commented-out
+#: alternative in ProlificDreamer's sd.py): sqrt(abar) (1 - abar), i.e. alpha_t sigma_t^2.
+WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+# Names that once meant something else; rejected with the reason rather than silently reinterpreted.
+_RETIRED_WEIGHTINGS = {
+    "snr": "it computed sqrt(abar (1 - abar)), which is neither the SNR abar / (1 - abar) nor fantasia3d's "
+           "sqrt(abar) (1 - abar); use weighting=fantasia3d for the latter",
+}
+
+
+def check_weighting(kind: str) -> str:
+    """``kind`` if it names a weighting, else a ValueError listing the valid ones (at build time)."""
+    if kind in _RETIRED_WEIGHTINGS:
+        raise ValueError(f"timestep weighting {kind!r} was removed: {_RETIRED_WEIGHTINGS[kind]}")
+    if kind not in WEIGHTINGS:
+        raise ValueError(f"unknown timestep weighting {kind!r}; valid: {', '.join(WEIGHTINGS)}")
+    return kind
+
+
 def timestep_weight(kind: str, alphas_cumprod: Tensor, t: Tensor) -> Tensor:
-    """w(t): ``sds`` = 1 - abar_t (DreamFusion), ``uniform`` = 1, ``snr`` = sqrt(abar (1-abar))."""
+    """w(t): ``sds`` = sigma_t^2 = 1 - abar_t (DreamFusion Eq. 3; ProlificDreamer App. F), ``uniform`` = 1,
+    ``fantasia3d`` = sqrt(abar_t) (1 - abar_t) (threestudio's fantasia3d strategy)."""
     a = alphas_cumprod.to(t.device)[t]
+    kind = check_weighting(kind)
     if kind == "sds":
         return 1.0 - a
     if kind == "uniform":
         return torch.ones_like(a)
-    if kind == "snr":
-        return (a * (1.0 - a)).sqrt()
-    raise ValueError(f"unknown timestep weighting {kind!r}; valid: sds, uniform, snr")
+    return a.sqrt() * (1.0 - a)
 
 
 def expand_like(w: Tensor, x: Tensor) -> Tensor:
@@ -82,7 +101,7 @@ class Guidance(nn.Module):
         super().__init__()
         self.prior = prior
         self.timesteps = TimestepSampler.from_config(t_min, t_max, prior.num_train_timesteps)
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)  # a misspelling fails here, not at the first step
         self.loss_weight = Scheduled.parse(loss_weight)
 
     # --- hooks for objectives with an auxiliary (score) model -------------------------------

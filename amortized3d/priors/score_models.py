@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from amortized3d.priors.schedule import NoiseSchedule
 
 PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 CAMERA_DIM = 16  # CameraBatch.embedding(): flattened c2w
 
 
@@ -39,7 +40,7 @@ class ScoreModel(nn.Module, abc.ABC):
     def __init__(self, prediction_type: PredictionType = "epsilon", camera_dropout: float = 0.1,
                  schedule: NoiseSchedule | None = None):
         super().__init__()
-        if prediction_type not in ("epsilon", "v_prediction"):
+        if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         if not 0.0 <= camera_dropout <= 1.0:
             raise ValueError(f"camera_dropout must be in [0, 1], got {camera_dropout}")
@@ -75,9 +76,15 @@ class ScoreModel(nn.Module, abc.ABC):
     def model_output(self, x_t: Tensor, t: Tensor, cond: Tensor | None, camera: Tensor | None) -> Tensor:
         """The network's raw output: eps or v, depending on ``prediction_type``."""
 
+    def _predicts_v(self) -> bool:
+        if self.prediction_type not in PREDICTION_TYPES:  # e.g. a LoRA's "auto" before it has a base
+            raise RuntimeError(f"{type(self).__name__}.prediction_type is {self.prediction_type!r}, not resolved yet "
+                               "(it is set from the base network when the guidance binds the prior)")
+        return self.prediction_type == "v_prediction"
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, camera: Tensor | None = None) -> Tensor:
         out = self.model_output(x_t, t, cond, camera)
-        if self.prediction_type == "epsilon":
+        if not self._predicts_v():
             return out
         return self.schedule.eps_from_v(x_t, out, t)  # eps = sqrt(a) v + sqrt(1-a) x_t
 
@@ -90,7 +97,7 @@ class ScoreModel(nn.Module, abc.ABC):
                        camera: Tensor | None) -> Tensor:
         """Per-item MSE of the raw output against its target (eps or v) at given t and noise, [N]."""
         x_t = self.schedule.add_noise(x0, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.schedule.v_target(x0, noise, t)
+        target = self.schedule.v_target(x0, noise, t) if self._predicts_v() else noise
         return (self.model_output(x_t, t, cond, camera) - target).pow(2).flatten(1).mean(dim=1)
 
     def loss(self, x0: Tensor, cond: Tensor | None, camera: Tensor | None,
@@ -146,10 +153,11 @@ class ResBlock(nn.Module):
 class SmallUNetScoreModel(ScoreModel):
     """A small UNet: one ResBlock per resolution, stride-2 downsampling, nearest upsampling.
 
-    Conditioning follows ProlificDreamer's LoRA branch (App. F: camera added to the timestep
-    embedding): the text embedding is projected and added to the timestep embedding, and so is the
-    camera (Linear(16 -> emb), zero-initialised so that the camera starts neutral). The output conv is zero-initialised: the model starts at
-    eps = 0 (epsilon) or at the N(0, I)-data answer sqrt(1-abar) x_t (v-prediction).
+    Conditioning is added to the timestep embedding, as in ProlificDreamer's LoRA branch (App. F):
+    the text embedding through a Linear, and the camera through a single zero-initialised
+    Linear(16 -> emb) (neutral at the start; App. F and the LoRA model use a 2-layer MLP, a single
+    layer is this from-scratch model's simplification). The output conv is zero-initialised: the
+    model starts at eps = 0 (epsilon) or at the N(0, I)-data answer sqrt(1-abar) x_t (v-prediction).
     """
 
     def __init__(self, in_channels: int = 3, cond_dim: int = 1024, base_channels: int = 32,

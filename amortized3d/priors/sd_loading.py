@@ -74,6 +74,20 @@ def load_component(cls: Any, name_or_path: str, subfolder: str, revision: str | 
         raise MissingWeightsError(missing_weights_message(str(name_or_path), subfolder, err)) from err
 
 
+def fit_tokenizer_length(tokenizer: Any, text_encoder_config: Any) -> Any:
+    """Cap ``tokenizer.model_max_length`` at the text encoder's ``max_position_embeddings``.
+
+    A tokenizer saved without ``model_max_length`` loads with transformers' "unbounded" sentinel
+    (int(1e30)); padding to it overflows (``OverflowError: int too big to convert``), and any length
+    above the encoder's position table would index past it. The encoder's table is the real limit.
+    """
+    limit = int(text_encoder_config.max_position_embeddings)
+    length = getattr(tokenizer, "model_max_length", None)
+    if length is None or int(length) > limit:
+        tokenizer.model_max_length = limit
+    return tokenizer
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()

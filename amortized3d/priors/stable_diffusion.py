@@ -21,8 +21,8 @@ from torch import Tensor
 from amortized3d.priors.base import Prior
 from amortized3d.priors.schedule import NoiseSchedule
 from amortized3d.priors.sd_conditioning import (SDCondition, combine_perp_neg, perp_neg_prompts, view_prompt)
-from amortized3d.priors.sd_loading import (configure_attention, freeze, load_component, load_unet_vae_scheduler,
-                                           resolve_device, resolve_dtype)
+from amortized3d.priors.sd_loading import (configure_attention, fit_tokenizer_length, freeze, load_component,
+                                           load_unet_vae_scheduler, resolve_device, resolve_dtype)
 from amortized3d.text.clip import clip_outputs, tokenize
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
@@ -47,6 +47,7 @@ class StableDiffusionPrior(Prior):
         self.tokenizer = load_component(CLIPTokenizer, self.name_or_path, "tokenizer", **common)
         self.text_encoder = freeze(load_component(CLIPTextModel, self.name_or_path, "text_encoder",
                                                   torch_dtype=self.dtype, **common))
+        fit_tokenizer_length(self.tokenizer, self.text_encoder.config)
         self.schedule = NoiseSchedule.from_diffusers(scheduler)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):

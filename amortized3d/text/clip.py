@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from amortized3d.priors.sd_loading import (MissingWeightsError, freeze, load_component, missing_weights_message,
-                                           resolve_device, resolve_dtype)
+from amortized3d.priors.sd_loading import (MissingWeightsError, fit_tokenizer_length, freeze, load_component,
+                                           missing_weights_message, resolve_device, resolve_dtype)
 from amortized3d.text.base import TextEncoder
 from amortized3d.text.cache import local_rank_from_env
 
@@ -127,8 +127,9 @@ class CLIPTextEncoder(TextEncoder):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         common = {"revision": self.revision, "local_files_only": self.local_files_only}
-        self._tokenizer = load_component(CLIPTokenizer, self.name_or_path, self.tokenizer_subfolder, **common)
+        tokenizer = load_component(CLIPTokenizer, self.name_or_path, self.tokenizer_subfolder, **common)
         model = load_component(CLIPTextModel, self.name_or_path, self.subfolder, torch_dtype=self.dtype, **common)
+        self._tokenizer = fit_tokenizer_length(tokenizer, model.config)
         hidden = int(model.config.hidden_size)
         if self._declared_dim is not None and hidden != self._declared_dim:
             raise ValueError(f"{self.name_or_path} has a {hidden}-dim text encoder but embedding_dim="
