@@ -114,10 +114,13 @@ def disk_full_error(err: BaseException, path: str | os.PathLike) -> OSError | No
 
 
 def _free_bytes(directory: Path) -> int | None:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
+    for d in (directory, *directory.parents):  # the nearest directory that exists
+        if d.is_dir():
+            try:
+                return shutil.disk_usage(d).free
+            except OSError:
+                return None
+    return None
 
 
 # ---------------------------------------------------------------- checksummed torch files
@@ -226,14 +229,16 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", *, what: str 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), first[0] if first else "")
+        if "Unsupported global" in str(err):
+            detail = next((ln.strip() for ln in first if "Unsupported global" in ln), "")
+            detail = detail.split("WeightsUnpickler error:")[-1].split(" Please use")[0].strip().rstrip(".")
             raise CheckpointError(
                 f"{what} {path} holds objects other than tensors and plain containers ({detail}); it was not "
                 "written by amortized3d, and unpickling it could run arbitrary code, so it is refused "
                 "(loaded with torch.load(weights_only=True))") from None
-        raise CheckpointError(f"{what} {path} is not a readable torch file ({type(err).__name__}: "
-                              f"{first[0] if first else ''})") from None
+        detail = next((ln.strip() for ln in first if "WeightsUnpickler error" in ln), first[0] if first else "")
+        raise CheckpointError(f"{what} {path} is not a readable torch file: damaged, truncated or another format "
+                              f"({type(err).__name__}: {detail})") from None
     except (EOFError, RuntimeError, OSError, ValueError, KeyError, AttributeError, struct.error) as err:
         first = str(err).strip().splitlines()
         raise CheckpointError(f"{what} {path} is not a readable torch file: damaged, truncated or another format "
