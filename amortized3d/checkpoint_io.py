@@ -36,7 +36,7 @@ CHECKSUM_TAG = b"amortized3d-sha256:"
 _EOCD = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes + comment, last in the file
 _EOCD_SIZE = 22
 _COMMENT_SIZE = len(CHECKSUM_TAG) + 64
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 4 << 20
 
 
 class CheckpointError(ValueError):
@@ -131,11 +131,11 @@ class _HashingWriter:
         self.f, self.sha, self.size, self.tail = f, hashlib.sha256(), 0, b""
 
     def write(self, data) -> int:
-        data = bytes(data) if not isinstance(data, bytes) else data
         n = self.f.write(data)
         self.sha.update(data)
-        self.size += len(data)
-        self.tail = (self.tail + data)[-_EOCD_SIZE:]
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        self.tail = (self.tail + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]  # no copy of the whole chunk
         return n
 
     def flush(self) -> None:
