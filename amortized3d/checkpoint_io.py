@@ -167,14 +167,18 @@ def recorded_checksum(path: str | os.PathLike) -> str | None:
     size = path.stat().st_size
     n = _EOCD_SIZE + _COMMENT_SIZE
     with open(path, "rb") as f:
-        f.seek(max(0, size - n))
-        tail = f.read()
-    if len(tail) == n and tail[:4] == _EOCD and tail[20:22] == struct.pack("<H", _COMMENT_SIZE) \
-            and tail[22:22 + len(CHECKSUM_TAG)] == CHECKSUM_TAG:
-        digest = tail[-64:].decode("ascii", "replace")
-        if all(c in "0123456789abcdef" for c in digest):
-            return digest
-    if CHECKSUM_TAG[:12] in tail:
+        f.seek(max(0, size - n - 256))
+        window = f.read()
+    tail = window[-n:]
+    if len(tail) < n:
+        return None
+    tag = tail[_EOCD_SIZE:_EOCD_SIZE + len(CHECKSUM_TAG)]
+    digest = tail[-64:].decode("ascii", "replace")
+    if tail[:4] == _EOCD and tail[20:22] == struct.pack("<H", _COMMENT_SIZE) and tag == CHECKSUM_TAG \
+            and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    # our record, damaged in place or shifted (truncated / appended to)
+    if CHECKSUM_TAG in window or sum(a == b for a, b in zip(tag, CHECKSUM_TAG)) > len(CHECKSUM_TAG) // 2:
         raise ChecksumMismatchError(f"{path}: its checksum record is damaged; the file is corrupt "
                                     f"(byte damage, truncation or a partial copy)")
     return None

@@ -154,9 +154,14 @@ def test_row2_checksum_travels_inside_the_file_and_keeps_it_a_standard_torch_fil
     copy = tmp_path / "copy.ckpt"
     copy.write_bytes(path.read_bytes())
     assert verify_checksum(copy) and len(recorded_checksum(copy)) == 64
-    copy.write_bytes(path.read_bytes()[:-10])  # a truncated copy
-    with pytest.raises(ValueError, match="damaged|corrupt"):
-        verify_checksum(copy)
+    for damaged in (path.read_bytes()[:-10], path.read_bytes() + b"\0" * 7, path.read_bytes()[:-40] + b"x" * 40):
+        copy.write_bytes(damaged)  # truncated, appended to, checksum record overwritten
+        with pytest.raises(ValueError, match="damaged|corrupt"):
+            verify_checksum(copy)
+    # a plain torch.save file (no record) is recognised as such, even when its name looks like ours
+    legacy = tmp_path / "amortized3d-sha256-run.ckpt"
+    torch.save({"w": torch.arange(3)}, legacy)
+    assert recorded_checksum(legacy) is None and verify_checksum(legacy) is False
 
 
 # ---------------------------------------------------------------- row 12: bad files name their path
