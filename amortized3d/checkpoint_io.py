@@ -37,6 +37,10 @@ _EOCD = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes + comment
 _EOCD_SIZE = 22
 _COMMENT_SIZE = len(CHECKSUM_TAG) + 64
 _READ_CHUNK = 4 << 20
+# Globals that checkpoints may hold beyond tensors and plain containers (torch.load(weights_only=True)
+# allow-list). Empty: Lightning's checkpoint dict, the state/optimizer dicts and the resolved config
+# (stored as plain containers) need nothing more. Add a type here only if the project writes it.
+SAFE_GLOBALS: list[Any] = []
 
 
 class CheckpointError(ValueError):
@@ -230,7 +234,8 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", *, what: str 
         log.warning("%s %s carries no checksum (written before checksums, or by another tool); its integrity "
                     "is not verified", what, path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
         if "Unsupported global" in str(err):
