@@ -113,8 +113,7 @@ def disk_full_error(err: BaseException, path: str | os.PathLike) -> OSError | No
         return None
     where = f"{free} bytes free on the filesystem of {path.parent}" if free is not None else "free space unknown"
     return OSError(errno.ENOSPC, f"no space left on device writing {path} ({where}); free some space or point "
-                                 "the output/cache directory elsewhere (paths.output_dir, paths.cache_dir)",
-                   str(path))
+                                 "the output/cache directory elsewhere (paths.output_dir, paths.cache_dir)")
 
 
 def _free_bytes(directory: Path) -> int | None:
@@ -226,7 +225,16 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", *, what: str 
         raise CheckpointError(f"{what} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): its write never completed or it was truncated")
-    verified = verify_checksum(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle format
+        raise CheckpointError(f"{what} {path} is not a torch file: it is neither the zip archive torch.save writes "
+                              f"nor its legacy format (first bytes {head.hex(' ')}); damaged or another format")
+    try:
+        verified = verify_checksum(path)
+    except ChecksumMismatchError as err:
+        hint = "; an earlier checkpoints/step_*.ckpt of the run may be intact" if what == "checkpoint" else ""
+        raise ChecksumMismatchError(f"{what} {err}{hint}") from None
     if not verified:
         if require_checksum:
             raise ChecksumMismatchError(f"{what} {path} carries no checksum (truncated, or not written by "
@@ -245,7 +253,8 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", *, what: str 
                 f"{what} {path} holds objects other than tensors and plain containers ({detail}); it was not "
                 "written by amortized3d, and unpickling it could run arbitrary code, so it is refused "
                 "(loaded with torch.load(weights_only=True))") from None
-        detail = next((ln.strip() for ln in first if "WeightsUnpickler error" in ln), first[0] if first else "")
+        after = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = after[0].strip() if after and "WeightsUnpickler error:" in str(err) else (first[0] if first else "")
         raise CheckpointError(f"{what} {path} is not a readable torch file: damaged, truncated or another format "
                               f"({type(err).__name__}: {detail})") from None
     except (EOFError, RuntimeError, OSError, ValueError, KeyError, AttributeError, struct.error) as err:

@@ -63,10 +63,14 @@ def _tensor_data_offset(path: Path, member_suffix: str = "/data/0") -> int:
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
-    empty, noise = tmp_path / "empty.ckpt", tmp_path / "noise.ckpt"
-    empty.write_bytes(b"")
-    noise.write_bytes(os.urandom(4096))
-    return {"empty": empty, "noise": noise}
+    import random
+
+    noise = random.Random(0).randbytes(4096)
+    files = {"empty": b"", "noise": b"\x00" + noise,  # neither a zip archive nor a pickle
+             "pickle-like noise": b"\x80\x02" + noise, "truncated zip": b"PK\x03\x04" + noise}
+    for name, data in files.items():
+        (tmp_path / f"{name.replace(' ', '_')}.ckpt").write_bytes(data)
+    return {name: tmp_path / f"{name.replace(' ', '_')}.ckpt" for name in files}
 
 
 # ---------------------------------------------------------------- row 2: checksums
@@ -172,7 +176,7 @@ def test_row12_empty_and_random_checkpoints_name_path_in_every_loader(tmp_path, 
     from amortized3d.evaluation.exporting import export
 
     for kind, path in _bad_files(tmp_path).items():
-        what = "empty" if kind == "empty" else "not a readable torch file"
+        what = {"empty": "is empty (0 bytes)", "noise": "is not a torch file"}.get(kind, "not a readable torch file")
         loaders = {
             "lightning resume io": lambda: AtomicCheckpointIO().load_checkpoint(path),
             "load_system": lambda: load_system(path),
