@@ -258,6 +258,8 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", *, what: str 
         raise CheckpointError(f"{what} {path} is not a readable torch file: damaged, truncated or another format "
                               f"({type(err).__name__}: {detail})") from None
     except (EOFError, RuntimeError, OSError, ValueError, KeyError, AttributeError, struct.error) as err:
+        if isinstance(err, torch.OutOfMemoryError) or "device" in str(err).lower():
+            raise  # a good file that does not fit / map_location onto a missing device: not damage
         first = str(err).strip().splitlines()
         raise CheckpointError(f"{what} {path} is not a readable torch file: damaged, truncated or another format "
                               f"({type(err).__name__}: {first[0] if first else ''})") from None
