@@ -432,3 +432,39 @@ def test_row16_published_corpus_keeps_its_padded_prompts_verbatim():
 
     corpus = load_corpus("df415", path=path)  # pinned by the manifest's sha256: loaded as published
     assert "  Coffee cup with many holes" in corpus.split("train")
+
+
+# ---------------------------------------------------------------- row 2 keeps atomicity
+_WRITER = """
+import sys, torch
+from amortized3d.checkpoint_io import AtomicCheckpointIO
+io, n = AtomicCheckpointIO(), 0
+while True:
+    n += 1
+    io.save_checkpoint({"state_dict": {"w": torch.full((1 << 21,), float(n))}, "global_step": n}, sys.argv[1])
+    print(n, flush=True)
+"""
+
+
+@pytest.mark.slow  # 4 fresh interpreters (torch + lightning imports): ~45 s on a loaded 2-core machine
+def test_row2_sigkill_during_checksummed_writes_leaves_a_verified_last_ckpt(tmp_path):
+    """SIGKILL at staggered moments of a loop of 8 MiB checksummed saves: last.ckpt always verifies."""
+    import random
+    import signal
+    import time
+
+    from amortized3d.checkpoint_io import load_torch, verify_checksum
+
+    path = tmp_path / "last.ckpt"
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                                env=env)
+        proc.stdout.readline()  # one save completed
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert verify_checksum(path)
+        ckpt = load_torch(path)
+        assert bool((ckpt["state_dict"]["w"] == ckpt["global_step"]).all())
