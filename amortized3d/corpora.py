@@ -120,6 +120,29 @@ def get_spec(name: str) -> CorpusSpec:
 _WS = re.compile(r"[ \t\n\r]*")
 
 
+def prompt_problem(prompt: Any, allow_padding: bool = False) -> str | None:
+    """What is wrong with one prompt (None: nothing); the same rule for corpus files, export, evaluate.
+
+    ``allow_padding``: only for the published corpora pinned by the manifest's sha256 (DF415 has three
+    whitespace-padded prompts; its prompts are kept verbatim, as the published numbers used them)."""
+    if not isinstance(prompt, str):
+        return f"is not a string ({prompt!r:.40}); every prompt must be a non-empty string"
+    if not prompt.strip():
+        return "is an empty prompt; every prompt must be a non-empty string"
+    if prompt != prompt.strip() and not allow_padding:
+        return (f"has leading/trailing whitespace ({prompt!r:.60}); it would change the text embedding "
+                "invisibly")
+    return None
+
+
+def check_prompt(prompt: Any, where: str = "prompt") -> str:
+    """``prompt`` if it is a valid prompt, else CorpusError naming ``where`` (a key, file:line...)."""
+    problem = prompt_problem(prompt)
+    if problem:
+        raise CorpusError(f"{where} {problem}")
+    return prompt
+
+
 def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
@@ -164,7 +187,7 @@ def _top_level_offsets(text: str) -> dict[str, tuple[int, list[int]]]:
     return out
 
 
-def _parse_json(text: str, source: Path) -> dict[str, tuple[str, ...]]:
+def _parse_json(text: str, source: Path, pinned: bool = False) -> dict[str, tuple[str, ...]]:
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as e:
@@ -188,14 +211,13 @@ def _parse_json(text: str, source: Path) -> dict[str, tuple[str, ...]]:
         if key == "train" and not value:
             raise CorpusError(f"{source}:{line(key)}: split 'train' is empty")
         for index, prompt in enumerate(value):
-            if not isinstance(prompt, str) or not prompt.strip():
-                what = "an empty prompt" if isinstance(prompt, str) else f"not a string ({prompt!r:.40})"
-                raise CorpusError(f"{source}:{line(key, index)}: split {key!r} item {index} is {what}; "
-                                  "every prompt must be a non-empty string")
+            problem = prompt_problem(prompt, allow_padding=pinned)
+            if problem:
+                raise CorpusError(f"{source}:{line(key, index)}: split {key!r} item {index} {problem}")
     return {key: tuple(value) for key, value in data.items()}
 
 
-def _parse_text(text: str, source: Path) -> dict[str, tuple[str, ...]]:
+def _parse_text(text: str, source: Path, pinned: bool = False) -> dict[str, tuple[str, ...]]:
     """One prompt per line; all three splits are the whole list (a plain prompt list is not split)."""
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
     while lines and not lines[-1].strip():  # trailing newlines at EOF are harmless
@@ -205,9 +227,9 @@ def _parse_text(text: str, source: Path) -> dict[str, tuple[str, ...]]:
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             raise CorpusError(f"{source}:{n}: blank line; a .txt corpus holds exactly one prompt per line")
-        if line != line.strip():
-            raise CorpusError(f"{source}:{n}: prompt has leading/trailing whitespace ({line!r:.60}); "
-                              "it would change the text embedding invisibly")
+        problem = prompt_problem(line, allow_padding=pinned)
+        if problem:
+            raise CorpusError(f"{source}:{n}: prompt {problem}")
     prompts = tuple(lines)
     return {"train": prompts, "val": prompts, "test": prompts}
 
@@ -222,8 +244,9 @@ def read_corpus_file(path: PathLike, name: str | None = None) -> Corpus:
         line = data.count(b"\n", 0, e.start) + 1
         raise CorpusError(f"{source}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     parse = _parse_text if source.suffix.lower() == ".txt" else _parse_json
-    return Corpus(name=name or source.stem, splits=parse(text, source), source=source,
-                  sha256=hashlib.sha256(data).hexdigest())
+    sha256 = hashlib.sha256(data).hexdigest()
+    pinned = any(spec.sha256 == sha256 for spec in load_manifest().values())  # a published file, verbatim
+    return Corpus(name=name or source.stem, splits=parse(text, source, pinned), source=source, sha256=sha256)
 
 
 # ---------------------------------------------------------------- lookup

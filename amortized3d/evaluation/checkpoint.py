@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from omegaconf import OmegaConf
+
+from amortized3d.checkpoint_io import CheckpointError, load_torch
 
 
 def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu",
@@ -22,8 +23,11 @@ def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locati
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected DIR/checkpoints/last.ckpt "
                                 "from scripts/train.py)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    config = ckpt.get("hyper_parameters", {}).get("config")
+    ckpt = load_torch(path, map_location=map_location)  # checksum verified, weights_only=True
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {path} holds no state_dict (a {type(ckpt).__name__}); was it written "
+                              "by scripts/train.py?")
+    config = (ckpt.get("hyper_parameters") or {}).get("config")
     if not config:
         raise ValueError(f"{path} holds no amortized3d config (hyper_parameters.config); was it written by "
                          "scripts/train.py?")

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,10 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from amortized3d.checkpoint_io import atomic_write
-from amortized3d.evaluation.orbit import Orbit, slugify
+from amortized3d.evaluation.orbit import Orbit
 from amortized3d.evaluation.scorers import Scorer, build_scorer
 from amortized3d.evaluation.shard import distributed_context, gather_results, shard_indices
 from amortized3d.export import write_image
+from amortized3d.slugs import slugify
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +42,40 @@ def view_grid(renders: torch.Tensor, num_views: int) -> torch.Tensor:
 RenderSink = Callable[[int, str, torch.Tensor], None]
 
 
+class NonFiniteRenderError(ValueError):
+    """A prompt's renders (or its scores) hold NaN/inf: the checkpoint is broken, nothing is scored."""
+
+
+def check_finite_renders(prompt: str, renders: torch.Tensor) -> None:
+    bad = ~torch.isfinite(renders)
+    if bad.any():
+        views = int(bad.flatten(1).any(1).sum()) if renders.ndim > 1 else 1
+        raise NonFiniteRenderError(
+            f"renders of prompt {prompt!r} hold {int(bad.sum())} non-finite values (NaN/inf) in {views} of "
+            f"{len(renders)} views: the checkpoint's weights are broken (diverged training or a damaged "
+            "file); refusing to score it")
+
+
 def score_prompts(system, candidates: Sequence[str], indices: Sequence[int], scorer: Scorer | None, orbit: Orbit,
                   train_prompts: set[str], on_renders: Sequence[RenderSink] = ()) -> dict[int, dict]:
     """Render ``candidates[i]`` for each ``i`` in ``indices``, score it -> {i: row}.
 
     Each prompt's renders are handed to every ``on_renders(i, prompt, renders)`` (grids, videos)
     and then dropped, so memory does not grow with the number of prompts. Without a scorer the
-    rows hold only index, prompt and seen.
+    rows hold only index, prompt and seen. Non-finite renders or scores raise NonFiniteRenderError
+    naming the prompt: a broken checkpoint never gets a score.
     """
     rows = {}
     for n, i in enumerate(indices):
         prompt = candidates[i]
         renders = orbit.render(system, prompt)
+        check_finite_renders(prompt, renders)
         values = scorer.score(i, prompt, renders) if scorer is not None else {}
-        rows[i] = {"index": i, "prompt": prompt, "seen": prompt in train_prompts,
-                   **{k: float(v.double().mean()) for k, v in values.items()}}
+        scores = {k: float(v.double().mean()) for k, v in values.items()}
+        bad = {k: v for k, v in scores.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteRenderError(f"scores of prompt {prompt!r} are not finite ({bad}); refusing to report them")
+        rows[i] = {"index": i, "prompt": prompt, "seen": prompt in train_prompts, **scores}
         for sink in on_renders:
             sink(i, prompt, renders)
         if n % 50 == 0:
@@ -143,7 +164,8 @@ def evaluate(cfg: DictConfig) -> dict:
                scorer.name: {**_evaluator_info(cfg.evaluator), **summarize_rows(gathered, names)}}
     if rank == 0:
         write_csv(gathered, output_dir / "per_prompt.csv")
-        atomic_write(output_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        text = json.dumps(metrics, indent=2, allow_nan=False)  # strict JSON: NaN/inf never reach the file
+        atomic_write(output_dir / "metrics.json", lambda f: f.write(text.encode()))
         overall = metrics[scorer.name]["overall"]
         log.info("%s on %s/%s (%d prompts): %s", scorer.name, corpus.name, cfg.split, overall["num_prompts"],
                  ", ".join(f"{k} {overall[k]:.4f}" for k in names))

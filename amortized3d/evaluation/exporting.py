@@ -7,8 +7,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from amortized3d.evaluation.evaluate import _device, render_settings
-from amortized3d.evaluation.orbit import Orbit, slugify
+from amortized3d.evaluation.orbit import Orbit
 from amortized3d.export import MESH_FORMATS, VIDEO_FORMATS, export_prompt
+from amortized3d.slugs import slugify
 
 log = logging.getLogger(__name__)
 FORMATS = tuple(s[1:] for s in VIDEO_FORMATS + MESH_FORMATS)
@@ -16,8 +17,10 @@ FORMATS = tuple(s[1:] for s in VIDEO_FORMATS + MESH_FORMATS)
 
 def export(cfg: DictConfig) -> list[Path]:
     """Write ``cfg.prompt`` in every format of ``cfg.format`` (one name or a list) -> the paths."""
+    from amortized3d.corpora import check_prompt
     from amortized3d.evaluation.checkpoint import load_system
 
+    check_prompt(cfg.prompt, f"export prompt={cfg.prompt!r}")  # before loading anything
     formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

@@ -4,7 +4,6 @@ optional baked grid, and one prompt's turntable through them."""
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +11,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.cameras import CameraBatch, orbit_cameras
-
-
-def slugify(prompt: str) -> str:
-    """A file-name-safe stem of a prompt."""
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:80] or "prompt"
+from amortized3d.slugs import slugify  # noqa: F401  (re-exported: callers import it from here)
 
 
 @torch.no_grad()

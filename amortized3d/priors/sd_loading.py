@@ -47,16 +47,39 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """A local path rather than a hub id: absolute, ``./``/``../``/``~``-relative, an existing file or
+    directory, or anything but the hub's ``name`` / ``org/name`` shape (one slash at most)."""
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text in (".", "..") or "\\" in text:
+        return True
+    if Path(text).expanduser().is_absolute() or Path(text).expanduser().exists():
+        return True
+    return text.count("/") > 1 or text.endswith("/")
+
+
 def missing_weights_message(name_or_path: str, subfolder: str, err: BaseException | None = None) -> str:
-    local = Path(name_or_path).expanduser()
-    where = (f"local directory {local}" if local.exists() or os.sep in str(name_or_path) or
-             str(name_or_path).startswith(".") else f"hub id {name_or_path!r}")
     reason = f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})" if err else ""
-    return (f"cannot load Stable Diffusion component {subfolder!r} from {where}{reason}. Weights cannot be "
-            f"downloaded on this machine. Either (a) put the model in the Hugging Face cache on a machine with "
-            f"internet (`huggingface-cli download {name_or_path}`) and copy the cache here (~/.cache/huggingface "
-            f"or $HF_HOME), or (b) pass a local diffusers directory with subfolders {', '.join(SUBFOLDERS)}: "
-            f"prior.pretrained_model_name_or_path=/path/to/model (e.g. one written by "
+    if looks_like_path(name_or_path):
+        local = Path(name_or_path).expanduser()
+        if not local.exists():
+            state = "does not exist"
+        elif not local.is_dir():
+            state = "is not a directory"
+        elif not (local / subfolder).is_dir():
+            state = f"has no {subfolder}/ subfolder"
+        else:
+            state = f"has a {subfolder}/ subfolder that could not be loaded"
+        return (f"cannot load Stable Diffusion component {subfolder!r} from the local directory {local}: it "
+                f"{state}{reason}. Pass a diffusers directory with subfolders {', '.join(SUBFOLDERS)} (e.g. one "
+                f"written by StableDiffusionPipeline.save_pretrained): prior.pretrained_model_name_or_path="
+                f"/path/to/model, or a hub id such as runwayml/stable-diffusion-v1-5 that is in the Hugging "
+                f"Face cache (~/.cache/huggingface or $HF_HOME).")
+    return (f"cannot load Stable Diffusion component {subfolder!r} of the hub id {name_or_path!r}{reason}: it is "
+            f"not in the Hugging Face cache (~/.cache/huggingface or $HF_HOME) and weights cannot be downloaded "
+            f"on this machine. Either (a) run `huggingface-cli download {name_or_path}` on a machine with "
+            f"internet and copy its cache here, or (b) pass a local diffusers directory with subfolders "
+            f"{', '.join(SUBFOLDERS)}: prior.pretrained_model_name_or_path=/path/to/model (e.g. one written by "
             f"StableDiffusionPipeline.save_pretrained).")
 
 
