@@ -7,7 +7,9 @@ distillation gradient reaches the renders through it, as in DreamFusion-style SD
 affine fit of the encoder (cheap low-resolution stages, threestudio's ``rgb_as_latents`` for
 3-channel renders). The UNet predicts eps or v (SD-2.1 768 px is v): both are returned as eps.
 CFG in the diffusers convention, eps_u + s (eps_c - eps_u), with view-dependent prompts, a
-negative prompt as the unconditional branch and optional Perp-Neg (sd_conditioning.py).
+negative prompt as the unconditional branch and optional Perp-Neg (threestudio's scheme,
+sd_conditioning.py; it needs the cameras' azimuths, hence ``camera_condition``). Scale 1 is the
+conditional branch alone and 0 the unconditional one, with Perp-Neg on or off.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from torch import Tensor
 
 from amortized3d.priors.base import Prior
 from amortized3d.priors.schedule import NoiseSchedule
-from amortized3d.priors.sd_conditioning import (SDCondition, combine_perp_neg, perp_neg_prompts, view_prompt)
+from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, combine_perp_neg, perp_neg_mixing,
+                                                view_prompt)
 from amortized3d.priors.sd_loading import (configure_attention, freeze, load_component, load_unet_vae_scheduler,
                                            resolve_device, resolve_dtype)
 from amortized3d.text.clip import clip_outputs, tokenize
@@ -34,7 +37,7 @@ class StableDiffusionPrior(Prior):
                  attention: str = "sdpa", vae_resolution: int = 512, rgb_as_latents: bool = False,
                  view_dependent: bool = True, view_template: str = "{prompt}, {view} view",
                  negative_prompt: str = "", perp_neg: bool = False, perp_neg_weight: float = 1.0,
-                 text_cache_size: int = 1024):
+                 perp_neg_decay: dict | None = None, text_cache_size: int = 1024):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -59,6 +62,9 @@ class StableDiffusionPrior(Prior):
         self.view_dependent, self.view_template = bool(view_dependent), view_template
         self.negative_prompt = negative_prompt or ""
         self.perp_neg, self.perp_neg_weight = bool(perp_neg), float(perp_neg_weight)
+        self.perp_neg_decay = {k: tuple(v) for k, v in (perp_neg_decay or {}).items()}  # threestudio's by default
+        if self.perp_neg and not self.view_dependent:
+            raise ValueError("perp_neg needs view_dependent prompts (as threestudio asserts)")
         self.text_cache_size = int(text_cache_size)
         self._token_cache: OrderedDict[str, Tensor] = OrderedDict()
         self.register_buffer("rgb_to_latent", torch.empty(0), persistent=False)  # [C,4] affine fit, lazy
@@ -126,7 +132,10 @@ class StableDiffusionPrior(Prior):
             self._token_cache.popitem(last=False)
         return out
 
-    def text_condition(self, prompts: Sequence[str], view_labels: Sequence[str] | None = None) -> SDCondition:
+    def text_condition(self, prompts: Sequence[str], view_labels: Sequence[str] | None = None,
+                       azimuth_deg: Tensor | Sequence[float] | None = None) -> SDCondition:
+        """View-dependent condition; with ``perp_neg`` the cameras' azimuths (degrees) are needed too
+        (threestudio's interpolated positive and weighted negatives, sd_conditioning.py)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -135,17 +144,29 @@ class StableDiffusionPrior(Prior):
             views = list(view_labels)
             if len(views) != len(prompts):
                 raise ValueError(f"{len(views)} view labels for {len(prompts)} prompts")
-        cond = self.prompt_embeddings([view_prompt(p, v, self.view_template) for p, v in zip(prompts, views)])
         uncond = self.prompt_embeddings([self.negative_prompt] * len(prompts))
-        if not (self.perp_neg and self.view_dependent and view_labels is not None):
+        if not (self.perp_neg and view_labels is not None):
+            cond = self.prompt_embeddings([view_prompt(p, v, self.view_template) for p, v in zip(prompts, views)])
             return SDCondition(cond, uncond)
-        lists, k = perp_neg_prompts(prompts, views, self.view_template)
-        if k == 0:
-            return SDCondition(cond, uncond)
-        flat = [x[i % len(x)] if x else "" for x in lists for i in range(k)]
-        weights = torch.tensor([[self.perp_neg_weight if i < len(x) else 0.0 for i in range(k)] for x in lists])
-        neg = self.prompt_embeddings(flat).reshape(len(prompts), k, *cond.shape[1:])
-        return SDCondition(cond, uncond, neg, weights.to(self.device))
+        if azimuth_deg is None:
+            raise ValueError("perp_neg needs the cameras' azimuths: call camera_condition(prompts, cameras) "
+                             "or text_condition(prompts, view_labels, azimuth_deg)")
+        azimuth = torch.as_tensor(azimuth_deg, dtype=torch.float64).reshape(-1).cpu()
+        overhead = torch.tensor([v == "overhead" for v in views])
+        mix, neg_idx, weights = perp_neg_mixing(azimuth, overhead, self.perp_neg_decay)
+        # [N,4,L,E]: each prompt seen from front, side, back, overhead
+        per_view = self.prompt_embeddings([view_prompt(p, v, self.view_template) for p in prompts
+                                           for v in PERP_NEG_VIEWS]).reshape(len(prompts), len(PERP_NEG_VIEWS),
+                                                                            *uncond.shape[1:])
+        cond = torch.einsum("nv,nvle->nle", mix.to(per_view), per_view).to(per_view.dtype)
+        negatives = torch.stack([per_view[i, neg_idx[i]] for i in range(len(prompts))])
+        weights = (self.perp_neg_weight * weights).float()
+        blank = torch.tensor([not p.strip() for p in prompts])  # the empty prompt has no views to reject
+        weights[blank] = 0.0
+        return SDCondition(cond, uncond, negatives, weights.to(self.device))
+
+    def camera_condition(self, prompts: Sequence[str], cameras) -> SDCondition:
+        return self.text_condition(prompts, cameras.view_labels(), torch.rad2deg(cameras.azimuth.detach()))
 
     # --- denoising --------------------------------------------------------------------------------
     def unet_eps(self, x_t: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
@@ -157,19 +178,34 @@ class StableDiffusionPrior(Prior):
         return out
 
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: SDCondition, guidance_scale: float = 1.0) -> Tensor:
+        """CFG eps; ``guidance_scale`` 1 is the conditional branch alone and 0 the unconditional one,
+        with or without Perp-Neg (whose negatives only enter the guided combination)."""
         n = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(n)
-        if cond.negatives is not None and guidance_scale != 0:
+        if guidance_scale == 1:
+            return self.unet_eps(x_t, t, cond.cond).to(x_t.dtype)
+        if guidance_scale == 0:
+            return self.unet_eps(x_t, t, cond.uncond).to(x_t.dtype)
+        if cond.negatives is not None:  # one batch-(2+K)N pass: cond, uncond, K negatives per item
             k = cond.negatives.shape[1]
             tokens = torch.cat([cond.cond, cond.uncond, cond.negatives.flatten(0, 1)])
             x = torch.cat([x_t, x_t, x_t.repeat_interleave(k, 0)])
             eps = self.unet_eps(x, torch.cat([t, t, t.repeat_interleave(k, 0)]), tokens)
             eps_c, eps_u, eps_n = eps[:n], eps[n:2 * n], eps[2 * n:].reshape(n, k, *x_t.shape[1:])
             return combine_perp_neg(eps_u, eps_c, eps_n, cond.negative_weights, guidance_scale).to(x_t.dtype)
-        if guidance_scale == 1:
-            return self.unet_eps(x_t, t, cond.cond).to(x_t.dtype)
-        if guidance_scale == 0:
-            return self.unet_eps(x_t, t, cond.uncond).to(x_t.dtype)
-        eps_c, eps_u = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([cond.cond, cond.uncond])).chunk(2)
+        eps_c, eps_u = self.cond_uncond_eps(x_t, t, cond)
         return (eps_u + guidance_scale * (eps_c - eps_u)).to(x_t.dtype)
+
+    def cond_uncond_eps(self, x_t: Tensor, t: Tensor, cond: SDCondition) -> tuple[Tensor, Tensor]:
+        """(eps_c, eps_u) from ONE batch-2N UNet pass (what CFG and CSD need)."""
+        return self._paired_tokens_eps(x_t, t, cond.cond, cond.uncond)
+
+    def conditional_eps_pair(self, x_t: Tensor, t: Tensor, cond_a: SDCondition, cond_b: SDCondition
+                             ) -> tuple[Tensor, Tensor]:
+        """Conditional eps under two conditions from ONE batch-2N UNet pass."""
+        return self._paired_tokens_eps(x_t, t, cond_a.cond, cond_b.cond)
+
+    def _paired_tokens_eps(self, x_t: Tensor, t: Tensor, tokens_a: Tensor, tokens_b: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        eps_a, eps_b = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens_a, tokens_b])).chunk(2)
+        return eps_a.to(x_t.dtype), eps_b.to(x_t.dtype)
