@@ -26,7 +26,7 @@ from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, com
                                                 view_prompt)
 from amortized3d.priors.sd_loading import (configure_attention, freeze, load_component, load_unet_vae_scheduler,
                                            resolve_device, resolve_dtype)
-from amortized3d.text.clip import clip_outputs, tokenize
+from amortized3d.text.clip import clip_outputs, register_text_model, shared_text_model, tokenize
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
@@ -48,8 +48,12 @@ class StableDiffusionPrior(Prior):
         self.unet, self.vae, scheduler = load_unet_vae_scheduler(self.name_or_path, self.dtype, **common)
         configure_attention(self.unet, attention)
         self.tokenizer = load_component(CLIPTokenizer, self.name_or_path, "tokenizer", **common)
-        self.text_encoder = freeze(load_component(CLIPTextModel, self.name_or_path, "text_encoder",
-                                                  torch_dtype=self.dtype, **common))
+        # The generators' text encoder (text/clip.py) may already hold this network (a cold embedding
+        # cache loads it): use that copy, whatever its dtype (tokens are cast to ours), not a second one.
+        shared = shared_text_model(self.name_or_path, revision, "text_encoder")
+        self.text_encoder = shared if shared is not None else register_text_model(
+            self.name_or_path, revision, "text_encoder",
+            freeze(load_component(CLIPTextModel, self.name_or_path, "text_encoder", torch_dtype=self.dtype, **common)))
         self.schedule = NoiseSchedule.from_diffusers(scheduler)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
