@@ -13,7 +13,11 @@ conditional branch alone and 0 the unconditional one, with Perp-Neg on or off.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections import OrderedDict
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,6 +33,11 @@ from amortized3d.priors.sd_loading import (configure_attention, freeze, load_com
 from amortized3d.text.clip import clip_outputs, register_text_model, shared_text_model, tokenize
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+log = logging.getLogger(__name__)
+# rgb_as_latents fits by VAE-weights digest: a second prior in the same process (evaluation, tests) does
+# not refit; ``rgb_to_latent_cache_dir`` carries them across processes (starts and resumes).
+_RGB_TO_LATENT_FITS: dict[str, Tensor] = {}
+_FIT_COLOURS = 64
 
 
 class StableDiffusionPrior(Prior):
@@ -37,7 +46,8 @@ class StableDiffusionPrior(Prior):
                  attention: str = "sdpa", vae_resolution: int = 512, rgb_as_latents: bool = False,
                  view_dependent: bool = True, view_template: str = "{prompt}, {view} view",
                  negative_prompt: str = "", perp_neg: bool = False, perp_neg_weight: float = 1.0,
-                 perp_neg_decay: dict | None = None, text_cache_size: int = 1024):
+                 perp_neg_decay: dict | None = None, text_cache_size: int = 1024,
+                 rgb_to_latent_cache_dir: str | None = None):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -72,6 +82,7 @@ class StableDiffusionPrior(Prior):
         self.text_cache_size = int(text_cache_size)
         self._token_cache: OrderedDict[str, Tensor] = OrderedDict()
         self.register_buffer("rgb_to_latent", torch.empty(0), persistent=False)  # [C,4] affine fit, lazy
+        self.rgb_to_latent_cache_dir = Path(rgb_to_latent_cache_dir).expanduser() if rgb_to_latent_cache_dir else None
 
     # --- x0 space ---------------------------------------------------------------------------------
     @property
@@ -104,12 +115,48 @@ class StableDiffusionPrior(Prior):
         if rgb.shape[-2:] != (h, w):
             rgb = F.interpolate(rgb, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         if self.rgb_to_latent.numel() == 0:
-            self.rgb_to_latent = self.fit_rgb_to_latent()
+            self.rgb_to_latent = self.cached_rgb_to_latent().to(self.device)
         m = self.rgb_to_latent.to(rgb)  # [4 (r, g, b, 1), C]
         return torch.einsum("nkhw,kc->nchw", torch.cat([rgb * 2 - 1, torch.ones_like(rgb[:, :1])], 1), m)
 
+    def vae_digest(self) -> str:
+        """Digest of the VAE's weights (names, dtypes, shapes, values): what the affine fit depends on."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.vae.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def cached_rgb_to_latent(self) -> Tensor:
+        """``fit_rgb_to_latent`` once per VAE: from this process' memo, else the cache dir, else fit (and store).
+        The fit is 72 VAE encodes (25.6 s at SD-2.1 size on a 2-core CPU); it was redone at every start."""
+        key = f"{self.vae_digest()}-c{_FIT_COLOURS}-s{self.scaling_factor:g}"
+        if key in _RGB_TO_LATENT_FITS:
+            return _RGB_TO_LATENT_FITS[key].clone()
+        path = None if self.rgb_to_latent_cache_dir is None else self.rgb_to_latent_cache_dir / f"{key}.pt"
+        if path is not None and path.is_file():
+            try:
+                fit = torch.load(path, map_location="cpu", weights_only=True)
+                log.info("rgb_as_latents: affine RGB -> latent map loaded from %s", path)
+            except Exception as err:  # a corrupt entry is refit, not fatal
+                log.warning("rgb_as_latents: ignoring unreadable %s (%s); refitting", path, err)
+                fit = None
+            if fit is not None:
+                _RGB_TO_LATENT_FITS[key] = fit
+                return fit.clone()
+        fit = self.fit_rgb_to_latent(_FIT_COLOURS).cpu()
+        _RGB_TO_LATENT_FITS[key] = fit
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: concurrent ranks never read half a file
+            torch.save(fit, tmp)
+            os.replace(tmp, path)
+            log.info("rgb_as_latents: affine RGB -> latent map fitted and stored at %s", path)
+        return fit.clone()
+
     @torch.no_grad()
-    def fit_rgb_to_latent(self, num_colours: int = 64) -> Tensor:
+    def fit_rgb_to_latent(self, num_colours: int = _FIT_COLOURS) -> Tensor:
         """Least-squares affine map [r, g, b, 1] -> latent of flat-colour images through the VAE."""
         g = torch.Generator().manual_seed(0)
         colours = torch.cat([torch.rand(num_colours, 3, generator=g),
