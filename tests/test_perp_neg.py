@@ -133,3 +133,23 @@ def test_asd_shifted_branch_is_the_plain_conditional_eps_with_perp_neg_on(tiny_s
         w = 1 - prior.alphas_cumprod[pair.t]
         grad = w[:, None, None, None] * (eps - eps_shift)
     torch.testing.assert_close(loss, 0.5 * grad.flatten(1).pow(2).sum(1), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("experiment", ["asd_hyper_ingp_mg15", "asd_conv3d_df415", "asd_conv3d_at2520",
+                                        "asd_conv3d_cp100k"])
+def test_asd_experiments_use_scaledreamer_perp_neg(tmp_path, tiny_sd, experiment):
+    """ScaleDreamer's public asd_sd_*.yaml: use_perp_neg true, guidance_perp_neg -0.5 (threestudio's weights x 0.5);
+    the prior built from the composed experiment (tiny weights) gives those weights."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+
+    cfg = compose(tmp_path, tmp_path, f"experiment={experiment}", f"prior.pretrained_model_name_or_path={tiny_sd}",
+                  "prior.local_files_only=true", "prior.model.vae_resolution=32", "prior.model.dtype=fp32",
+                  "prior.model.device=cpu", tiny=False)
+    node = OmegaConf.to_container(cfg.prior.model, resolve=True)
+    prior = hydra.utils.instantiate(node)
+    assert prior.perp_neg and prior.perp_neg_weight == 0.5
+    cond = prior.camera_condition(["a red cube"], cameras(6).index(slice(5, 6)))  # the back view
+    assert cond.negative_weights[0].tolist() == pytest.approx([0.5 * 0.394, 0.5 * 1.967], abs=1e-3)
