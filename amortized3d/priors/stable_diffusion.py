@@ -125,12 +125,13 @@ class StableDiffusionPrior(Prior):
         for name, tensor in self.vae.state_dict().items():
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
     def cached_rgb_to_latent(self) -> Tensor:
         """``fit_rgb_to_latent`` once per VAE: from this process' memo, else the cache dir, else fit (and store).
-        The fit is 72 VAE encodes (25.6 s at SD-2.1 size on a 2-core CPU); it was redone at every start."""
+        The fit is 72 VAE encodes (25.6-30.8 s at SD-2.1 size on a 2-core CPU), and was redone at every start;
+        the weights digest costs ~1 s there."""
         key = f"{self.vae_digest()}-c{_FIT_COLOURS}-s{self.scaling_factor:g}"
         if key in _RGB_TO_LATENT_FITS:
             return _RGB_TO_LATENT_FITS[key].clone()
