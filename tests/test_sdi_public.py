@@ -59,6 +59,7 @@ def test_sdi_configs_follow_the_public_normalisation_and_convexity_schedule(tmp_
     assert [lam(s) for s in (0, 2000, 4000, 9999)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
     if experiment:
         assert cfg.guidance.tau_max == 0.1  # public T // n (thesis text: 1/30)
+        assert list(cfg.data.camera.distance) == [1.5, 2.0]  # public camera_distance_range
         t_end = OmegaConf.to_container(cfg.guidance.t_schedule, resolve=True)[-1]
         assert t_end == [10000, 0.25]
         weights = OmegaConf.to_container(cfg.system.loss_weights, resolve=True)
