@@ -211,7 +211,7 @@ class StableDiffusionPrior(Prior):
                                            for v in PERP_NEG_VIEWS]).reshape(len(prompts), len(PERP_NEG_VIEWS),
                                                                             *uncond.shape[1:])
         cond = torch.einsum("nv,nvle->nle", mix.to(per_view), per_view).to(per_view.dtype)
-        negatives = torch.stack([per_view[i, neg_idx[i]] for i in range(len(prompts))])
+        negatives = per_view[torch.arange(len(prompts))[:, None], neg_idx]  # [N,2,L,E]
         weights = (self.perp_neg_weight * weights).float()
         blank = torch.tensor([not p.strip() for p in prompts])  # the empty prompt has no views to reject
         weights[blank] = 0.0
