@@ -3,6 +3,12 @@
 The same scoring loop as ``scripts/evaluate.py`` (``evaluate.score_prompts``) with the oracle
 scorer when the prior has a ground-truth world; each prompt is rendered once, even when it is in
 several splits or also gets a video.
+
+Without a scorer (a prior with no ground-truth world, e.g. Stable Diffusion) nothing could score
+the splits' renders, and rendering every train and val prompt at 120 views is ~12 min CPU on the
+primitives corpus and every prompt of CP100k. Then only turntable videos of the first
+``max_videos`` prompts of the ``videos`` split are rendered (the log says so); score a checkpoint
+with ``scripts/evaluate.py evaluator=clip``.
 """
 from __future__ import annotations
 
@@ -25,12 +31,22 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     from amortized3d.evaluation.oracle import corpus_prompts
 
     orbit = Orbit.from_settings(cfg, system.renderer)
-    prompts_by_split = {s: system.renderable(corpus.unique(s)) for s in (cfg.splits or [])}
-    video_list = system.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
-    video_prompts = set(video_list)
-    prompts = list(dict.fromkeys([p for ps in prompts_by_split.values() for p in ps] + video_list))
     world = getattr(prior, "world", None)
     scorer = OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake) if world else None
+    video_list = system.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
+    if scorer is None:
+        prompts_by_split = {}
+        max_videos = cfg.get("max_videos", 4)
+        kept = video_list if max_videos is None else video_list[:int(max_videos)]
+        log.info("end-of-training evaluation: no scorer for %s (no ground-truth world): splits %s not rendered; "
+                 "turntable videos of %d of %d %s prompts only (evaluation.max_videos); score with "
+                 "scripts/evaluate.py evaluator=clip", type(prior).__name__ if prior is not None else "this run",
+                 list(cfg.splits or []), len(kept), len(video_list), cfg.get("videos"))
+        video_list = kept
+    else:
+        prompts_by_split = {s: system.renderable(corpus.unique(s)) for s in (cfg.splits or [])}
+    video_prompts = set(video_list)
+    prompts = list(dict.fromkeys([p for ps in prompts_by_split.values() for p in ps] + video_list))
     video_dir = output_dir / "videos"
 
     def write_turntable(_: int, prompt: str, renders: Tensor) -> None:
@@ -40,7 +56,8 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     rows = score_prompts(system, prompts, range(len(prompts)), scorer, orbit, set(system.train_prompts),
                          [write_turntable])
     row_of = {row["prompt"]: row for row in rows.values()}
-    metrics: dict[str, Any] = {"evaluation": orbit.describe()}
+    metrics: dict[str, Any] = {"evaluation": {**orbit.describe(), "scorer": "oracle" if scorer else None,
+                                              "rendered_prompts": len(prompts)}}
     if scorer is not None:
         metrics["oracle"] = {}
         for split, split_prompts in prompts_by_split.items():

@@ -11,6 +11,10 @@ model's would at fixed t (Eq. 2), so no second network is trained.
 dt ~ U[0, eta (t - t_min)] per item (§3.2; ``delta_t_mode: fixed`` is the deterministic ablation
 dt = eta (t - t_min) of §4.3/Tab. 4), where t_min is the *current* lower end of the annealed
 range (as in the public code), truncated to an integer and clamped so t+dt <= T-1.
+
+The shifted branch is the *conditional* prediction alone (``shifted_guidance_scale`` 1, the
+prior's convention): with Perp-Neg on, its negatives enter only the CFG-7.5 branch, never
+eps_pre(x_{t+dt}; t+dt, y).
 """
 from __future__ import annotations
 

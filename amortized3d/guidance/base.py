@@ -128,7 +128,7 @@ class Guidance(nn.Module):
 
     # --- shared pieces ------------------------------------------------------------------------
     def condition(self, inp: GuidanceInput) -> Any:
-        return self.prior.text_condition(list(inp.prompts), inp.cameras.view_labels())
+        return self.prior.camera_condition(list(inp.prompts), inp.cameras)
 
     def sample_noisy(self, x0: Tensor, inp: GuidanceInput) -> tuple[Tensor, Tensor, Tensor]:
         """(t [N], noise, x_t) with the annealed timestep range at this step."""

@@ -28,18 +28,17 @@ class CSDGuidance(Guidance):
 
     def reference_condition(self, inp: GuidanceInput) -> Any:
         """Condition of the subtracted branch: the negative prompt (with the view labels), if any."""
-        labels = inp.cameras.view_labels()
-        return self.prior.text_condition([self.negative_prompt] * len(labels), labels)
+        return self.prior.camera_condition([self.negative_prompt] * len(inp.cameras), inp.cameras)
 
     @torch.no_grad()
     def classifier_direction(self, x_t: torch.Tensor, t: torch.Tensor, inp: GuidanceInput) -> torch.Tensor:
-        """eps(x_t; y) - eps(x_t; empty or negative prompt)."""
+        """eps(x_t; y) - eps(x_t; empty or negative prompt), both branches in one batch-2N prior pass
+        (as SDS's CFG), not two batch-N passes."""
         cond = self.condition(inp)
-        eps_c = self.prior.predict_noise(x_t, t, cond, 1.0)  # s = 1: conditional branch only
         if self.negative_prompt is None:
-            eps_ref = self.prior.predict_noise(x_t, t, cond, 0.0)  # s = 0: unconditional only
+            eps_c, eps_ref = self.prior.cond_uncond_eps(x_t, t, cond)
         else:
-            eps_ref = self.prior.predict_noise(x_t, t, self.reference_condition(inp), 1.0)
+            eps_c, eps_ref = self.prior.conditional_eps_pair(x_t, t, cond, self.reference_condition(inp))
         return eps_c - eps_ref
 
     def forward(self, inp: GuidanceInput) -> GuidanceOutput:

@@ -20,10 +20,19 @@ denoiser at timestep t. CFG values are in the diffusers convention used everywhe
 eq. 3.3: gamma = 0 unconditional, 1 conditional); the public code's non-perp-neg branch uses
 eps_c + s (eps_c - eps_u), i.e. s + 1 in ours — the thesis runs used perp-neg, whose CFG is ours.
 
+Loss normalisation (``reduction``). ``sum``: 0.5 ||x0 - sg(target)||^2 summed over each item's
+elements, whose gradient is Alg. 3's update above exactly. ``mean`` (the public code,
+``0.5 * F.mse_loss(latents, target, reduction="mean") / batch_size`` at batch 1): the same divided
+by the item's element count, 4 x 64 x 64 = 16384 latents at 512 px. With Adam the scale of the SDI
+term alone does not matter; what it changes is its weight against the convexity loss and the
+renderer's regularisers, which are means of O(1) terms (the public weights -- convexity 1 -> 0.1,
+sparsity 0.15, opacity 0.1 -- are in ``mean`` units; under ``sum`` they are 16384x weaker).
+
 Convexity (§5.2, against the hollow-face illusion): the signed sine between horizontally and
 vertically adjacent normals (camera frame), negative where the surface bulges towards the
-camera, minimised ("as negative as possible"); the thesis uses weight 0.1 for the first 40% of
-training. Pixel pairs are weighted by the (detached) normal magnitudes, i.e. the opacities, so
+camera, minimised ("as negative as possible"); the thesis text uses weight 0.1 for the first 40%
+of training, the public code (threestudio ``lambda_convex: [0, 1., 0.1, 4000]``) 1 -> 0.1 linearly
+over the first 4000 of 10k steps and 0.1 after (configs/guidance/sdi.yaml follows the code). Pixel pairs are weighted by the (detached) normal magnitudes, i.e. the opacities, so
 background and silhouettes count little and the loss cannot be lowered by fading the object.
 """
 from __future__ import annotations
@@ -67,7 +76,7 @@ class SDIGuidance(Guidance):
     def __init__(self, prior: Prior, guidance_scale: float = 7.5, inversion_guidance_scale: float = -7.5,
                  inversion_steps: int = 10, inversion_noise: float = 0.3, tau_max: float = 0.1,
                  t_schedule: Any = ((0, 0.98), (10000, 0.25)), renoise: bool = True,
-                 lambda_convexity: Any = 0.0, loss_weight: Any = 1.0):
+                 lambda_convexity: Any = 0.0, reduction: str = "sum", loss_weight: Any = 1.0):
         # One deterministic t per step: the sampler's range collapses to the schedule's value
         # (default: linear over the thesis' 10k-step runs; configs/guidance/sdi.yaml uses max_steps).
         super().__init__(prior, t_min=t_schedule, t_max=t_schedule, weighting="uniform", loss_weight=loss_weight)
@@ -81,6 +90,9 @@ class SDIGuidance(Guidance):
         self.inversion_noise = float(inversion_noise)
         self.tau_max = float(tau_max)
         self.renoise = bool(renoise)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' (Alg. 3's update) or 'mean' (public code), got {reduction!r}")
+        self.reduction = reduction
         self.lambda_convexity = Scheduled.parse(lambda_convexity)
         self.needs_normals = any(v != 0 for _, v in self.lambda_convexity.milestones)
 
@@ -126,7 +138,10 @@ class SDIGuidance(Guidance):
         t = self.timestep(x0.shape[0], inp.step, x0.device)
         target, logs = self.target(x0.detach(), t, self.condition(inp), inp.generator)
         grad = (x0.detach() - target).to(x0.dtype)
-        losses = {"sdi": distillation_loss(x0, grad) * self.loss_weight(inp.step)}
+        loss = distillation_loss(x0, grad)
+        if self.reduction == "mean":  # public code: mean over the item's elements
+            loss = loss / x0[0].numel()
+        losses = {"sdi": loss * self.loss_weight(inp.step)}
         if self.needs_normals:
             losses["convexity"] = self._convexity(inp)
         logs["grad_norm"] = grad.flatten(1).norm(dim=1).mean()

@@ -44,9 +44,22 @@ class Prior(nn.Module):
         """An opaque condition object for ``predict_noise`` (one entry per prompt)."""
         raise NotImplementedError("abstract")
 
+    def camera_condition(self, prompts: Sequence[str], cameras: Any) -> Any:
+        """``text_condition`` for renders from ``cameras`` (a ``CameraBatch``): by default their view
+        labels; priors that need more of the camera (SD's Perp-Neg: the azimuth) override it."""
+        return self.text_condition(prompts, cameras.view_labels())
+
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
         """Classifier-free-guided epsilon prediction at integer timesteps ``t`` [N]."""
         raise NotImplementedError("abstract")
+
+    def cond_uncond_eps(self, x_t: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+        """(conditional eps, unconditional eps); priors with a batched network override this with one pass."""
+        return self.predict_noise(x_t, t, cond, 1.0), self.predict_noise(x_t, t, cond, 0.0)
+
+    def conditional_eps_pair(self, x_t: Tensor, t: Tensor, cond_a: Any, cond_b: Any) -> tuple[Tensor, Tensor]:
+        """Conditional-only eps under two conditions (CSD's prompt vs negative prompt)."""
+        return self.predict_noise(x_t, t, cond_a, 1.0), self.predict_noise(x_t, t, cond_b, 1.0)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> Tensor:
         """The denoiser's own text embedding of each prompt (no view suffix), e.g. SD's CLIP tokens

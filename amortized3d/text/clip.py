@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,6 +50,31 @@ def clip_outputs(model: Any, input_ids: Tensor) -> tuple[Tensor, Tensor]:
     device = next(model.parameters()).device
     out = model(input_ids.to(device))
     return out.pooler_output, out.last_hidden_state
+
+
+# One CLIP text model per (model, revision, subfolder) in a process: the generators' pooled-embedding
+# encoder and the SD prior's token encoder are the same network, and holding it twice costs 1.35 GiB
+# at SD-2.1 size (fp32) for the whole run. Weak values: a model lives as long as a user holds it.
+_SHARED_TEXT_MODELS: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+
+
+def _shared_key(name_or_path: str, revision: str | None, subfolder: str) -> tuple:
+    local = Path(name_or_path).expanduser()
+    return (str(local.resolve()) if local.is_dir() else str(name_or_path), revision, subfolder)
+
+
+def shared_text_model(name_or_path: str, revision: str | None, subfolder: str = "text_encoder",
+                      dtype: torch.dtype | None = None) -> Any | None:
+    """The live (frozen) CLIP text model of this model directory, if any, in ``dtype`` if given."""
+    model = _SHARED_TEXT_MODELS.get(_shared_key(name_or_path, revision, subfolder))
+    if model is None or (dtype is not None and next(model.parameters()).dtype != dtype):
+        return None
+    return model
+
+
+def register_text_model(name_or_path: str, revision: str | None, subfolder: str, model: Any) -> Any:
+    _SHARED_TEXT_MODELS[_shared_key(name_or_path, revision, subfolder)] = model
+    return model
 
 
 def _files_fingerprint(root: Path) -> str:
@@ -128,13 +154,16 @@ class CLIPTextEncoder(TextEncoder):
 
         common = {"revision": self.revision, "local_files_only": self.local_files_only}
         tokenizer = load_component(CLIPTokenizer, self.name_or_path, self.tokenizer_subfolder, **common)
-        model = load_component(CLIPTextModel, self.name_or_path, self.subfolder, torch_dtype=self.dtype, **common)
+        model = shared_text_model(self.name_or_path, self.revision, self.subfolder, self.dtype)
+        if model is None or next(model.parameters()).device != self.device:
+            model = load_component(CLIPTextModel, self.name_or_path, self.subfolder, torch_dtype=self.dtype, **common)
         self._tokenizer = fit_tokenizer_length(tokenizer, model.config)
         hidden = int(model.config.hidden_size)
         if self._declared_dim is not None and hidden != self._declared_dim:
             raise ValueError(f"{self.name_or_path} has a {hidden}-dim text encoder but embedding_dim="
                              f"{self._declared_dim} was configured: set prior.text_encoder.embedding_dim={hidden}")
-        self._model = freeze(model).to(self.device)
+        self._model = register_text_model(self.name_or_path, self.revision, self.subfolder,
+                                          freeze(model).to(self.device))
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         self.load()

@@ -1,0 +1,34 @@
+"""End-of-training evaluation with the SD prior (no world, no scorer): bounded, and no train prompt is rendered."""
+from __future__ import annotations
+
+import torch
+
+from amortized3d.evaluation.final import evaluate_run
+from amortized3d.evaluation.orbit import Orbit
+from amortized3d.train import build_system
+from conftest import compose
+from sd_helpers import sd_overrides
+
+
+def test_sd_prior_final_evaluation_renders_only_a_bounded_video_subset(tmp_path, cache_dir, tiny_sd):
+    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), "evaluation.splits=[train,val]",
+                  "evaluation.videos=val", "evaluation.max_videos=1", "evaluation.num_views=2", tiny=False)
+    system, prior, corpus = build_system(cfg)
+    assert getattr(prior, "world", None) is None  # nothing can score these renders
+    rendered: list[int] = []
+    hook = system.generator.register_forward_hook(lambda m, args, out: rendered.append(1))
+    try:
+        metrics = evaluate_run(system, prior, corpus, cfg.evaluation, tmp_path)
+        per_eval = len(rendered)
+        rendered.clear()
+        first_val = system.renderable(corpus.unique("val"))[0]
+        with torch.no_grad():
+            Orbit.from_settings(cfg.evaluation, system.renderer).render(system, first_val)
+        per_prompt = len(rendered)
+    finally:
+        hook.remove()
+    assert per_prompt > 0 and per_eval == per_prompt  # one prompt (the first val one), not every train + val prompt
+    assert len(corpus.unique("train")) + len(corpus.unique("val")) > 1
+    assert [p.name for p in (tmp_path / "videos").glob("*.mp4")] != [] and len(list((tmp_path / "videos").glob("*.mp4"))) == 1
+    assert "oracle" not in metrics and metrics["evaluation"]["scorer"] is None
+    assert metrics["evaluation"]["rendered_prompts"] == 1
