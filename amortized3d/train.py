@@ -165,7 +165,10 @@ def train(cfg: DictConfig) -> dict:
     meta, resume = None, None
     if ckpt_path is not None:
         meta = load_checkpoint_meta(ckpt_path)
-        resume = compare_resume(meta, resolved_config(cfg), list(corpus.unique(cfg.data.train_split)), force=force)
+        train_prompts = list(corpus.unique(cfg.data.train_split))
+        with open_dict(cfg):
+            cfg.data.num_train_prompts = len(train_prompts)
+        resume = compare_resume(meta, resolved_config(cfg), train_prompts, force=force)
         if resume["forced"]:
             log.warning("resume forced (%s) across: %s", "resume.force=true", "; ".join(resume["forced"]))
         if resume["changed"]:
