@@ -179,8 +179,9 @@ def clean_stale_temp_files(*dirs: str | os.PathLike | None) -> list[Path]:
     return removed
 
 
-def check_run_dir(checkpoint_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """A fresh run must not mix with (or replace) another run's checkpoints."""
+def check_run_dir(checkpoint_dir: Path, resuming: bool, overwrite: bool, delete: bool = True) -> None:
+    """A fresh run must not mix with (or replace) another run's checkpoints; ``overwrite`` deletes
+    them (``delete=False``: check only, e.g. on ranks other than 0)."""
     existing = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
     if not existing or resuming:
         return
@@ -189,8 +190,8 @@ def check_run_dir(checkpoint_dir: Path, resuming: bool, overwrite: bool) -> None
         raise ConfigError(f"run dir {checkpoint_dir.parent} already holds checkpoints ({shown}); resume it with "
                           f"ckpt_path={checkpoint_dir / 'last.ckpt'}, choose another hydra.run.dir, or start over "
                           f"(deletes them) with {OVERWRITE_OVERRIDE}")
-    for name in existing:
-        (checkpoint_dir / name).unlink()
+    for name in existing if delete else ():
+        (checkpoint_dir / name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------- resume
@@ -275,7 +276,8 @@ def compare_resume(meta: Mapping, config: Mapping, train_prompts: Sequence[str] 
     (to apply and record) and, with ``force``, the experiment differences that were forced; raises
     :class:`ResumeMismatchError` listing every experiment-changing difference unless ``force``.
     """
-    old_flat, new_flat = _flatten(meta.get("config") or {}), _flatten(config)
+    # A checkpoint without a stored config (not written by train()) has nothing to compare.
+    old_flat, new_flat = _flatten(meta.get("config") or {}), (_flatten(config) if meta.get("config") else {})
     changed: dict[str, list] = {}
     blocking: list[str] = []
     for key in sorted(set(old_flat) | set(new_flat)):
@@ -284,13 +286,15 @@ def compare_resume(meta: Mapping, config: Mapping, train_prompts: Sequence[str] 
         old, new = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
         if old == new:
             continue
-        if key == "trainer.max_steps" and isinstance(new, int) and new <= int(meta.get("global_step", 0)):
-            blocking.append(f"trainer.max_steps: {new} is not past the checkpoint's step {meta.get('global_step')}")
-            continue
         if _matches(key, MAY_CHANGE) and not _matches(key, NOT_MAY_CHANGE):
             changed[key] = [old, new]
         else:
             blocking.append(f"{key}: {_short(old)} -> {_short(new)}")
+    max_steps = _flatten(config).get("trainer.max_steps")
+    if isinstance(max_steps, int) and max_steps <= int(meta.get("global_step", 0)):
+        changed.pop("trainer.max_steps", None)
+        blocking.append(f"trainer.max_steps: {max_steps} is not past the checkpoint's step {meta.get('global_step')} "
+                        f"(nothing left to train: raise it to continue)")
     if "trainer.max_steps" in changed and any(b.startswith(("guidance.", "system.loss_weights")) for b in blocking):
         blocking.append("(these schedules end at trainer.max_steps: changing it moves them)")
     old_prompts = meta.get("train_prompts")

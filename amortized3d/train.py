@@ -159,7 +159,8 @@ def train(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         for path in clean_stale_temp_files(output_dir):
             log.warning("removed %s (temp file of a killed process)", path)
-        check_run_dir(checkpoint_dir, resuming=ckpt_path is not None, overwrite=bool(cfg.get("overwrite", False)))
+    check_run_dir(checkpoint_dir, resuming=ckpt_path is not None, overwrite=bool(cfg.get("overwrite", False)),
+                  delete=rank_zero_only.rank == 0)
     corpus = load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
     check_world_prompts(cfg, corpus)
     meta, resume = None, None

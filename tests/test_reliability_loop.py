@@ -232,6 +232,30 @@ def test_resume_continues_the_csv_log(tmp_path, cache_dir):
     assert min(steps) < 4 <= max(steps) and max(steps) >= 7, steps
 
 
+def test_resume_continues_the_wandb_run(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    common = ["logger=wandb", "logger.wandb.offline=true", "trainer.val_check_interval=100"]
+    train(compose(tmp_path, cache_dir, *common, "trainer.max_steps=2"))
+    import wandb
+
+    wandb.finish()  # the first segment's process ends here (else wandb reuses its live run in-process)
+    time.sleep(1.1)  # offline run dirs are named by the second
+    train(compose(tmp_path, cache_dir, *common, "trainer.max_steps=4",
+                  f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    ids = {r.name.rsplit("-", 1)[-1] for r in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs  # both segments log to one wandb run
+
+
+def test_resume_with_max_steps_not_past_the_checkpoint_fails(tmp_path, cache_dir, base_run):
+    run = _copy(base_run, tmp_path / "run")
+    _raises("ResumeMismatchError", train,
+            compose(run, cache_dir, "trainer.max_steps=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"),
+            match=r"trainer\.max_steps: 2 is not past the checkpoint's step 2")
+
+
 # ---------------------------------------------------------------- row 6: run dir history
 def test_copied_run_dir_resume_keeps_last_ckpt_newest(tmp_path, cache_dir, base_run):
     run = _copy(base_run, tmp_path / "moved")
