@@ -75,8 +75,7 @@ def test_nan_pixel_in_prior_references_stops_naming_the_prior(tmp_path, cache_di
     from amortized3d.priors.analytic import AnalyticPrior
     from amortized3d.train import build_system
 
-    cfg = compose(tmp_path, cache_dir, "system.max_consecutive_nonfinite=3")
-    system, prior, corpus = build_system(cfg)
+    system, prior, corpus = build_system(compose(tmp_path, cache_dir))  # default limit: 5
     images = prior.references.images.clone()
     images[0, 0, 0, 0] = float("nan")  # one pixel, as a damaged reference cache would hold
     bad = AnalyticPrior(dataclasses.replace(prior.references, images=images),
@@ -88,8 +87,8 @@ def test_nan_pixel_in_prior_references_stops_naming_the_prior(tmp_path, cache_di
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False)
     e = _raises("DivergenceError", trainer.fit, system, dm, match="prior / guidance output is non-finite")
-    assert "3 consecutive non-finite steps (steps 0-2," in str(e)
-    assert trainer.global_step == 0 and system.nonfinite_steps == 3
+    assert "5 consecutive non-finite steps (steps 0-4," in str(e)
+    assert trainer.global_step == 0 and system.nonfinite_steps == 5
     after = system.generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
