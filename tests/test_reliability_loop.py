@@ -241,8 +241,11 @@ def test_resume_continues_the_wandb_run(tmp_path, cache_dir, monkeypatch):
 
     wandb.finish()  # the first segment's process ends here (else wandb reuses its live run in-process)
     time.sleep(1.1)  # offline run dirs are named by the second
-    train(compose(tmp_path, cache_dir, *common, "trainer.max_steps=4",
-                  f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"))
+    try:
+        train(compose(tmp_path, cache_dir, *common, "trainer.max_steps=4",
+                      f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"))
+    finally:
+        wandb.finish()  # leave no live run to later tests of this process
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     ids = {r.name.rsplit("-", 1)[-1] for r in runs}
     assert len(runs) == 2 and len(ids) == 1, runs  # both segments log to one wandb run
