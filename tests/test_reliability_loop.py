@@ -329,3 +329,15 @@ def test_train_script_reports_a_config_error_in_one_line(tmp_path, cache_dir):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "error: invalid config: trainer.max_steps='abc' must be a positive integer" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_script_reports_divergence_in_one_line(tmp_path, cache_dir):
+    result = subprocess.run(_train_cmd(tmp_path / "run", cache_dir, "system.optimizer.lr=1e30", "trainer.max_steps=50",
+                                       MAX_TIME), capture_output=True, text=True, cwd=ROOT, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "training diverged: 5 consecutive non-finite steps" in lines[0], result.stderr[-3000:]
+    assert "lr=1e+30" in lines[0] and "last good checkpoint: none" in lines[0]
