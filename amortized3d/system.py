@@ -180,7 +180,7 @@ class AmortizedSystem(L.LightningModule):
             else:
                 logs = self._auxiliary_backward(out, cameras, prompts, text_emb, weights, i)
             if self._all_finite(self.auxiliary_optimizer):
-                self.auxiliary_optimizer.step()
+                self._checked_step(self.auxiliary_optimizer, counts_as_update=False)
         return logs
 
     def _apply_lr_scale(self, optimizer) -> None:
@@ -199,7 +199,7 @@ class AmortizedSystem(L.LightningModule):
             return False
         return True
 
-    def _checked_step(self, opt) -> bool:
+    def _checked_step(self, opt, counts_as_update: bool = True) -> bool:
         """``opt.step()``, undone (and counted as a skipped step) if it made any weight non-finite.
 
         Finite gradients can still write NaN/inf into the weights (a corrupt optimizer state, an
@@ -207,10 +207,13 @@ class AmortizedSystem(L.LightningModule):
         does not count as a generator update (``global_step``).
         """
         params = [p for g in opt.param_groups for p in g["params"]]
-        if not hasattr(self, "_weight_backup") or len(self._weight_backup) != len(params):
-            self._weight_backup = [torch.empty_like(p) for p in params]
+        if not hasattr(self, "_weight_backups"):
+            self._weight_backups: dict[int, list[Tensor]] = {}
+        backup = self._weight_backups.get(id(opt))
+        if backup is None or len(backup) != len(params):
+            backup = self._weight_backups[id(opt)] = [torch.empty_like(p) for p in params]
         with torch.no_grad():
-            torch._foreach_copy_(self._weight_backup, [p.detach() for p in params])
+            torch._foreach_copy_(backup, [p.detach() for p in params])
         opt.step()
         ok = torch.stack([torch.isfinite(p).all() for p in params]).all().float() if params else torch.ones(())
         ok = ok.to(self.device)
@@ -218,9 +221,11 @@ class AmortizedSystem(L.LightningModule):
         if ok.item() >= 1:
             return True
         with torch.no_grad():
-            torch._foreach_copy_([p.data for p in params], self._weight_backup)
+            torch._foreach_copy_([p.data for p in params], backup)
         self.nonfinite_steps += 1
         self._streak["rolled_back"] = True
+        if not counts_as_update:  # the guidance's own (score) optimizer: not Lightning's
+            return False
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         for tracker in (progress.total, progress.current):  # not an update: global_step counts updates
             tracker.completed -= 1
@@ -254,6 +259,10 @@ class AmortizedSystem(L.LightningModule):
         bad_w = next((names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())), None)
         if bad_w:
             causes.append(f"non-finite weights ({bad_w})")
+        aux = [p for g in self.auxiliary_optimizer.param_groups for p in g["params"]] if self.auxiliary_optimizer else []
+        bad_aux = next((names.get(id(p), "?") for p in aux if not bool(torch.isfinite(p).all())), None)
+        if bad_aux:
+            causes.append(f"non-finite weights of the guidance's own model ({bad_aux})")
         for p in params:
             for k, v in opt.state.get(p, {}).items():
                 if not (isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1):
@@ -350,7 +359,7 @@ class AmortizedSystem(L.LightningModule):
             self._apply_lr_scale(opt)
             stepped = self._checked_step(opt)
             if order == "joint" and self._all_finite(self.auxiliary_optimizer):
-                self.auxiliary_optimizer.step()
+                self._checked_step(self.auxiliary_optimizer, counts_as_update=False)
         self._guard_divergence(stepped, opt, out, losses)
         if order == "after":  # ProlificDreamer: score model trained on the renders of the updated step
             logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights, early_aux_logs))

@@ -235,10 +235,11 @@ def test_resume_continues_the_wandb_run(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    common = ["logger=wandb", "logger.wandb.offline=true", "trainer.val_check_interval=100"]
-    train(compose(tmp_path, cache_dir, *common, "trainer.max_steps=2"))
     import wandb
 
+    wandb.finish()  # a live run of an earlier test in this process would be reused
+    common = ["logger=wandb", "logger.wandb.offline=true", "trainer.val_check_interval=100"]
+    train(compose(tmp_path, cache_dir, *common, "trainer.max_steps=2"))
     wandb.finish()  # the first segment's process ends here (else wandb reuses its live run in-process)
     time.sleep(1.1)  # offline run dirs are named by the second
     try:
