@@ -51,6 +51,25 @@ def base_run(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
+def test_corrupt_score_model_optimizer_state_is_rolled_back(tmp_path, cache_dir):
+    """l2vsd's own score model: a step that would write NaN into it is undone; training goes on."""
+    from amortized3d.checkpoint_io import AtomicCheckpointIO
+
+    train(compose(tmp_path, cache_dir, "guidance=l2vsd", "trainer.max_steps=2"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = _load(last)
+    states = ckpt["amortized3d"]["auxiliary_optimizer"]["state"]
+    assert states
+    for state in states.values():
+        state["exp_avg_sq"].fill_(-1.0)
+    AtomicCheckpointIO().save_checkpoint(ckpt, last)
+    train(compose(tmp_path, cache_dir, "guidance=l2vsd", "trainer.max_steps=4", f"ckpt_path={last}", MAX_TIME))
+    after = _load(last)
+    assert after["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in after["state_dict"].values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
 def _copy(base: Path, dest: Path) -> Path:
     shutil.copytree(base, dest)
     return dest
