@@ -7,6 +7,11 @@ Outputs under ``cfg.paths.output_dir`` (= ``hydra.run.dir``)::
     renders/val/step_XXXXXX.png                            validation grids
     videos/<prompt>.mp4                                    turntables of the val prompts
     metrics.json                                           final evaluation
+
+Failures the user can act on raise :class:`amortized3d.run_guard.RunError` (``scripts/train.py``
+prints one ``error: ...`` line and exits non-zero): mistyped config values (2), a run dir that
+already holds checkpoints, off-world prompts, a resume into another experiment (4), divergence
+(3), and preemption by SIGTERM/SIGUSR1/SIGINT (``last.ckpt`` saved, exit 128 + signal number).
 """
 from __future__ import annotations
 
