@@ -259,7 +259,8 @@ class AmortizedSystem(L.LightningModule):
         bad_w = next((names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())), None)
         if bad_w:
             causes.append(f"non-finite weights ({bad_w})")
-        aux = [p for g in self.auxiliary_optimizer.param_groups for p in g["params"]] if self.auxiliary_optimizer else []
+        aux_opt = self.auxiliary_optimizer
+        aux = [p for g in aux_opt.param_groups for p in g["params"]] if aux_opt is not None else []
         bad_aux = next((names.get(id(p), "?") for p in aux if not bool(torch.isfinite(p).all())), None)
         if bad_aux:
             causes.append(f"non-finite weights of the guidance's own model ({bad_aux})")

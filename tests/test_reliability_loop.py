@@ -123,7 +123,8 @@ def test_corrupt_adam_state_is_rolled_back_then_stops(tmp_path, cache_dir, base_
     for state in ckpt["optimizer_states"][0]["state"].values():
         state["exp_avg_sq"].fill_(-1.0)  # finite, and sqrt() of it is NaN
     AtomicCheckpointIO().save_checkpoint(ckpt, last)
-    e = _raises("DivergenceError", train, compose(run, cache_dir, "trainer.max_steps=50", f"ckpt_path={last}", MAX_TIME),
+    e = _raises("DivergenceError", train,
+                compose(run, cache_dir, "trainer.max_steps=50", f"ckpt_path={last}", MAX_TIME),
                 match="rolled back")
     assert "corrupt optimizer state (negative exp_avg_sq" in str(e)
     assert f"last good checkpoint: {run / 'checkpoints' / 'step_000002.ckpt'}" in str(e)
