@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 FORCE_OVERRIDE = "resume.force=true"
@@ -46,6 +45,10 @@ class DivergenceError(RunError):
 
 class ResumeMismatchError(RunError):
     exit_code = 4
+
+
+class CheckpointReadError(RunError, ValueError):
+    """A checkpoint that cannot be read; the message names its path."""
 
 
 class Interrupted(RunError):
@@ -254,10 +257,13 @@ def load_checkpoint_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    from amortized3d.checkpoint_io import AtomicCheckpointIO
+
+    try:  # the reader the resume itself uses (Lightning calls the same CheckpointIO)
+        ckpt = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable file
-        raise RunError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        message = str(e) if str(path) in str(e) else f"cannot read checkpoint {path}: {type(e).__name__}: {e}"
+        raise CheckpointReadError(message) from e
     state = ckpt.get("amortized3d", {}) if isinstance(ckpt, dict) else {}
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     loops = ckpt.get("loops", {}) if isinstance(ckpt, dict) else {}
