@@ -37,7 +37,7 @@ class AmortizedSystem(L.LightningModule):
                  resolution: int = 64, camera_ranges: CameraRanges = CameraRanges(),
                  train_background: Background | None = None, eval_background: Background | None = None,
                  seed: int = 0, val_views: int = 4, val_resolution: int | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, max_consecutive_nonfinite: int = 5):
         super().__init__()
         self.automatic_optimization = False
         self.generator, self.renderer, self.guidance = generator, renderer, guidance
@@ -56,6 +56,14 @@ class AmortizedSystem(L.LightningModule):
         self.val_resolution = val_resolution or resolution
         self.batch_index = 0  # training steps taken, skipped ones included
         self.nonfinite_steps = 0  # steps whose gradients were not finite (skipped, counted)
+        # Divergence guard: this many generator steps in a row skipped (non-finite gradients, or an
+        # optimizer step that would have made the weights non-finite) stop the run (DivergenceError).
+        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
+        self.consecutive_nonfinite = 0
+        self._streak: dict = {}
+        self._configured_groups: list[dict] = []
+        self.resume_record: dict | None = None  # set by train(): what a resume changed (applied, recorded)
+        self._resume_history: list[dict] = []
         self.auxiliary_optimizer: torch.optim.Optimizer | None = None
         self.save_hyperparameters({"config": config or {}})
         self.val_images: list[Tensor] = []
@@ -115,7 +123,12 @@ class AmortizedSystem(L.LightningModule):
         aux_groups = self.guidance.auxiliary_parameter_groups()
         if aux_groups:  # owned here, not by Lightning: global_step must count generator updates only
             self.auxiliary_optimizer = build_optimizer(aux_groups, self.guidance.auxiliary_optimizer_config())
-        return build_optimizer(self.generator.parameter_groups(), self.optimizer_config)
+            self._aux_configured_groups = [{k: v for k, v in g.items() if k != "params"}
+                                           for g in self.auxiliary_optimizer.param_groups]
+        optimizer = build_optimizer(self.generator.parameter_groups(), self.optimizer_config)
+        # The settings of this run's config: re-applied after a resume restores the old ones (on_train_start).
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        return optimizer
 
     def _active_regularizers(self) -> list[str]:
         return [r for r in REGULARIZERS if r in self.loss_weights and self.loss_weights[r](self.batch_index) != 0]
@@ -167,7 +180,7 @@ class AmortizedSystem(L.LightningModule):
             else:
                 logs = self._auxiliary_backward(out, cameras, prompts, text_emb, weights, i)
             if self._all_finite(self.auxiliary_optimizer):
-                self.auxiliary_optimizer.step()
+                self._checked_step(self.auxiliary_optimizer, counts_as_update=False)
         return logs
 
     def _apply_lr_scale(self, optimizer) -> None:
@@ -185,6 +198,120 @@ class AmortizedSystem(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             return False
         return True
+
+    def _checked_step(self, opt, counts_as_update: bool = True) -> bool:
+        """``opt.step()``, undone (and counted as a skipped step) if it made any weight non-finite.
+
+        Finite gradients can still write NaN/inf into the weights (a corrupt optimizer state, an
+        overflowing lr): the weights are copied before the step and restored if so, and the step
+        does not count as a generator update (``global_step``).
+        """
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not hasattr(self, "_weight_backups"):
+            self._weight_backups: dict[int, list[Tensor]] = {}
+        backup = self._weight_backups.get(id(opt))
+        if backup is None or len(backup) != len(params):
+            backup = self._weight_backups[id(opt)] = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(backup, [p.detach() for p in params])
+        opt.step()
+        ok = torch.stack([torch.isfinite(p).all() for p in params]).all().float() if params else torch.ones(())
+        ok = ok.to(self.device)
+        ok = self.trainer.strategy.reduce(ok, reduce_op="min") if self.trainer.world_size > 1 else ok
+        if ok.item() >= 1:
+            return True
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], backup)
+        self.nonfinite_steps += 1
+        self._streak["rolled_back"] = True
+        if not counts_as_update:  # the guidance's own (score) optimizer: not Lightning's
+            return False
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        for tracker in (progress.total, progress.current):  # not an update: global_step counts updates
+            tracker.completed -= 1
+            tracker.ready -= 1
+        return False
+
+    def _guard_divergence(self, stepped: bool, opt, out: RenderOutput, losses: dict[str, Tensor]) -> None:
+        if stepped:
+            self.consecutive_nonfinite, self._streak = 0, {}
+            return
+        if self.consecutive_nonfinite == 0:
+            self._streak = {"start": self.batch_index, "global_step": self.global_step,
+                            "rolled_back": self._streak.get("rolled_back", False)}
+        self.consecutive_nonfinite += 1
+        self._streak["renders_finite"] = bool(torch.isfinite(out.rgb).all())
+        self._streak["nonfinite_losses"] = [k for k, v in losses.items() if not bool(torch.isfinite(v).all())]
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            from amortized3d.run_guard import DivergenceError
+
+            raise DivergenceError(
+                f"training diverged: {self.consecutive_nonfinite} consecutive non-finite steps "
+                f"(steps {self._streak['start']}-{self.batch_index}, limit system.max_consecutive_nonfinite="
+                f"{self.max_consecutive_nonfinite}); cause: {self._diagnose(opt)}; "
+                f"last good checkpoint: {self._last_good_checkpoint()}")
+
+    def _diagnose(self, opt) -> str:
+        """What this process can see that makes every step non-finite, most specific first."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        causes: list[str] = []
+        params = [p for g in opt.param_groups for p in g["params"]]
+        bad_w = next((names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())), None)
+        if bad_w:
+            causes.append(f"non-finite weights ({bad_w})")
+        aux_opt = self.auxiliary_optimizer
+        aux = [p for g in aux_opt.param_groups for p in g["params"]] if aux_opt is not None else []
+        bad_aux = next((names.get(id(p), "?") for p in aux if not bool(torch.isfinite(p).all())), None)
+        if bad_aux:
+            causes.append(f"non-finite weights of the guidance's own model ({bad_aux})")
+        for p in params:
+            for k, v in opt.state.get(p, {}).items():
+                if not (isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1):
+                    continue
+                if not bool(torch.isfinite(v).all()):
+                    causes.append(f"non-finite optimizer state ({k} of {names.get(id(p), '?')})")
+                elif k == "exp_avg_sq" and bool((v < 0).any()):
+                    causes.append(f"corrupt optimizer state (negative {k} of {names.get(id(p), '?')})")
+                if len(causes) > 2:
+                    break
+        if self._streak.get("rolled_back"):
+            causes.append("the optimizer step turned finite weights non-finite (rolled back)")
+        lr = max(float(g["lr"]) for g in opt.param_groups)
+        if not math.isfinite(lr) or lr > 1.0:
+            causes.append(f"lr={lr:g} is implausibly large (system.optimizer.lr / lr_scale / group_lr)")
+        w = [(float(p.detach().abs().max()), names.get(id(p), "?")) for p in params if p.numel()]
+        wmax, wname = max(w) if w else (0.0, "")
+        if math.isfinite(wmax) and wmax > 1e6:
+            causes.append(f"weights have blown up (max |w| = {wmax:.3g} in {wname})")
+        if not causes:
+            bad = self._streak.get("nonfinite_losses") or []
+            if not self._streak.get("renders_finite", True):
+                causes.append("renders are non-finite although weights and optimizer state are finite")
+            elif bad:
+                causes.append(f"the prior / guidance output is non-finite (loss {', '.join(bad)}) although weights "
+                              f"and renders are finite: check the prior (its weights or reference renders)")
+            else:
+                causes.append("non-finite gradients with finite losses and weights")
+        return "; ".join(causes)
+
+    def _last_good_checkpoint(self) -> str:
+        """The newest checkpoint written before the non-finite streak began."""
+        import re
+        from pathlib import Path
+
+        good = self._streak.get("global_step", self.global_step)
+        cb = self.trainer.checkpoint_callback
+        found = []
+        if cb is not None and cb.dirpath and Path(cb.dirpath).is_dir():
+            for path in Path(cb.dirpath).glob("*.ckpt"):
+                m = re.fullmatch(r"step_(\d+)", path.stem)
+                if m and int(m.group(1)) <= good:
+                    found.append((int(m.group(1)), str(path)))
+        if found:
+            return max(found)[1]
+        resumed = getattr(self.trainer, "ckpt_path", None)
+        return f"{resumed} (the checkpoint this run resumed from)" if resumed else \
+            f"none (no checkpoint was written before step {self._streak.get('start', self.batch_index)})"
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if int(batch["step"]) != self.batch_index:
@@ -228,11 +355,13 @@ class AmortizedSystem(L.LightningModule):
         self.manual_backward(loss)
         if order == "joint":
             self._average_auxiliary_gradients()
+        stepped = False
         if self._all_finite(opt):
             self._apply_lr_scale(opt)
-            opt.step()
+            stepped = self._checked_step(opt)
             if order == "joint" and self._all_finite(self.auxiliary_optimizer):
-                self.auxiliary_optimizer.step()
+                self._checked_step(self.auxiliary_optimizer, counts_as_update=False)
+        self._guard_divergence(stepped, opt, out, losses)
         if order == "after":  # ProlificDreamer: score model trained on the renders of the updated step
             logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights, early_aux_logs))
         self.batch_index += 1
@@ -271,7 +400,21 @@ class AmortizedSystem(L.LightningModule):
                                      "train_prompts": self.train_prompts,
                                      "text_encoder": getattr(self.text_encoder, "identity", None),
                                      "auxiliary_optimizer": (self.auxiliary_optimizer.state_dict()
-                                                             if self.auxiliary_optimizer is not None else None)}
+                                                             if self.auxiliary_optimizer is not None else None),
+                                     # what each resume changed (applied): plain data, [{step, changed, forced}]
+                                     "resumes": list(self._resume_history),
+                                     "consecutive_nonfinite": self.consecutive_nonfinite,
+                                     "wandb_id": self._wandb_id()}
+
+    def _wandb_id(self) -> str | None:
+        trainer = self._trainer
+        for logger in (trainer.loggers if trainer is not None else []):
+            if type(logger).__name__ == "WandbLogger":
+                try:
+                    return str(logger.version) if logger.version is not None else None
+                except Exception:  # noqa: BLE001 - an unusable logger never breaks a save
+                    return None
+        return None
 
     def _is_frozen(self, key: str) -> bool:
         if not hasattr(self, "_frozen_keys"):
@@ -290,12 +433,51 @@ class AmortizedSystem(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "start_step"):
             datamodule.start_step = self.batch_index
         self._pending_aux_state = state.get("auxiliary_optimizer")
+        self._resume_history = list(state.get("resumes", []))
+        self._resumed_from_step = int(checkpoint.get("global_step", 0))
 
     def on_fit_start(self) -> None:
         pending = getattr(self, "_pending_aux_state", None)
         if pending is not None and self.auxiliary_optimizer is not None:
             self.auxiliary_optimizer.load_state_dict(pending)
             self._pending_aux_state = None
+            _apply_groups(self.auxiliary_optimizer, self._aux_configured_groups)
+
+    def on_train_start(self) -> None:
+        """After a resume (Lightning restored the optimizer state, with the old run's lr, betas, ...),
+        this run's configured optimizer settings are applied for real and the resume is recorded."""
+        if not hasattr(self, "_resumed_from_step"):
+            return
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        applied = _apply_groups(opt, self._configured_groups)
+        record = dict(self.resume_record or {})
+        record.setdefault("changed", {})
+        record["step"] = self._resumed_from_step
+        if applied:
+            record["optimizer_groups"] = applied
+        self._resume_history.append(record)
+        del self._resumed_from_step
+
+
+def _apply_groups(optimizer: torch.optim.Optimizer, configured: list[dict]) -> dict:
+    """Set each param group's hyper-parameters (lr, betas, ...) to the configured ones; returns
+    ``{"<group>.<key>": [restored, configured]}`` for those that differed."""
+    changed = {}
+    if len(configured) != len(optimizer.param_groups):
+        return changed
+    for i, (group, conf) in enumerate(zip(optimizer.param_groups, configured)):
+        for key, value in conf.items():
+            old = group.get("base_lr", group.get(key)) if key == "lr" else group.get(key)
+            if old != value:
+                changed[f"{conf.get('name', i)}.{key}"] = [_plain(old), _plain(value)]
+            group[key] = value
+        group["base_lr"] = conf.get("lr", group["lr"])  # the lr_scale multiplies this
+    return changed
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _grid(rgb: Tensor, rows: int, cols: int) -> Tensor:

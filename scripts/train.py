@@ -14,9 +14,14 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
+    from amortized3d.run_guard import Interrupted, RunError
     from amortized3d.train import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except RunError as e:  # a failure the user can act on: its message, no traceback
+        print(str(e) if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
