@@ -21,7 +21,7 @@ import json
 import logging
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import hydra
 import lightning as L
@@ -47,17 +47,23 @@ def camera_ranges(cfg: DictConfig) -> CameraRanges:
                         elevation_deg=tuple(c.elevation_deg), azimuth_deg=tuple(c.azimuth_deg))
 
 
-def build_system(cfg: DictConfig, corpus=None, *, with_guidance: bool = True) -> tuple[AmortizedSystem, Any, Any]:
+def build_system(cfg: DictConfig, corpus=None, *, with_guidance: bool = True,
+                 train_prompts: Sequence[str] | None = None) -> tuple[AmortizedSystem, Any, Any]:
     """(system, prior, corpus) from a composed config; used by training, evaluation and export.
 
     ``with_guidance=False`` builds neither the prior nor the guidance (prior is None): enough to
     render, and it skips loading e.g. Stable Diffusion's UNet and VAE for CLIP evaluation or export.
+    ``train_prompts``: the prompts the generator is bound to, in order (a checkpoint's own list, so
+    that per-prompt fields stay with their prompts whatever the corpus file says today); by default
+    the corpus' train split.
     """
     corpus = corpus or load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
-    prompt_index = OmegaConf.select(cfg, "data.prompt_index", throw_on_missing=True)  # "???": must be chosen
-    if prompt_index is not None:  # one prompt per run (experiment/*_per_prompt.yaml)
-        corpus = corpus.with_train_prompt(int(prompt_index), cfg.data.train_split)
-    train_prompts = list(corpus.unique(cfg.data.train_split))
+    if train_prompts is None:
+        prompt_index = OmegaConf.select(cfg, "data.prompt_index", throw_on_missing=True)  # "???": must be chosen
+        if prompt_index is not None:  # one prompt per run (experiment/*_per_prompt.yaml)
+            corpus = corpus.with_train_prompt(int(prompt_index), cfg.data.train_split)
+        train_prompts = corpus.unique(cfg.data.train_split)
+    train_prompts = list(train_prompts)
     with open_dict(cfg):
         cfg.data.num_train_prompts = len(train_prompts)
     text_encoder = hydra.utils.instantiate(cfg.prior.text_encoder)
