@@ -128,7 +128,8 @@ def test_float32_scoring_with_float64_recheck_equals_the_float64_reference(scale
 
     images, texts, own = _near_ties(scale=scale)
     sim, best = float64_reference(images, texts, own, text_chunk)
-    for candidates in (texts, CandidateIndex(texts, chunk=text_chunk)):
+    indexes = [CandidateIndex(texts, chunk=text_chunk, dtype=dt) for dt in (torch.float16, torch.float32, torch.float64)]
+    for candidates in (texts, *indexes):
         res = retrieve(images, candidates, own, image_chunk=64, text_chunk=text_chunk)
         assert torch.equal(res.best, best) and torch.equal(res.similarity, sim)
         assert torch.equal(res.hit, (best == own).double())
@@ -180,3 +181,17 @@ def test_the_clip_scorer_normalises_the_candidates_once_not_per_prompt(monkeypat
         out = scorer.score(7, "p7", torch.zeros(4, 3, 2, 2))
         assert out["r_at_1"].tolist() == [1.0] * 4
     assert built <= 1000 and sum(rows) - built <= 5 * 3 * 4  # per prompt: its views, never the candidates
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_error_bound_covers_the_observed_scoring_error(dtype):
+    from amortized3d.evaluation.retrieval import CandidateIndex, normalize, score_error_bound
+
+    g = torch.Generator().manual_seed(4)
+    texts = torch.randn(4000, 512, generator=g) * torch.rand(4000, 1, generator=g)  # any norms
+    images = normalize(torch.randn(16, 512, generator=g))
+    index = CandidateIndex(texts, dtype=dtype)
+    err = (images.float() @ index.scoring.float().T).double() - images @ normalize(texts).T
+    bound = score_error_bound(512, dtype)
+    assert err.abs().max() <= bound
+    assert err.abs().max() > bound / 1000  # the bound is not vacuous either
