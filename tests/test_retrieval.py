@@ -195,3 +195,16 @@ def test_the_error_bound_covers_the_observed_scoring_error(dtype):
     bound = score_error_bound(512, dtype)
     assert err.abs().max() <= bound
     assert err.abs().max() > bound / 1000  # the bound is not vacuous either
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_index_equals_the_float64_reference(monkeypatch, tf32):
+    from amortized3d.evaluation.retrieval import CandidateIndex
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    images, texts, own = _near_ties(scale=1e-6)
+    sim, best = float64_reference(images, texts, own)
+    for dtype in (torch.float16, torch.float32):
+        res = retrieve(images, CandidateIndex(texts, device="cuda", dtype=dtype), own, image_chunk=64)
+        assert torch.equal(res.best, best) and torch.equal(res.similarity, sim)
