@@ -104,22 +104,29 @@ class CandidateIndex:
         work = torch.float64 if self.dtype == torch.float64 else torch.float32
         queries = images64.to(self.device, work)
         margin = 2 * self.bound + _SLACK
-        running = torch.full((n,), -math.inf, dtype=work, device=self.device)
-        rows, cols, vals = [], [], []
         upcast = self.dtype != work
         step = min(text_chunk, _UPCAST_BLOCK) if upcast else text_chunk
         buffer = torch.empty((min(step, len(self)), self.dim), dtype=work, device=self.device) if upcast else None
-        for t0 in range(0, len(self), step):
-            block = self.scoring[t0:t0 + step]
-            if upcast:
-                block = buffer[:len(block)].copy_(block)  # exact: every float16 is a float32
-            scores = queries @ block.T
-            running = torch.maximum(running, scores.max(dim=1).values)
-            r, c = torch.nonzero(scores >= (running - margin)[:, None], as_tuple=True)
-            rows.append(r), cols.append(c + t0), vals.append(scores[r, c])
-        rows, cols, vals = torch.cat(rows).cpu(), torch.cat(cols).cpu(), torch.cat(vals).cpu()
-        keep = vals >= (running.cpu() - margin)[rows]  # within the bound of the final best
-        rows, cols = rows[keep], cols[keep]
+
+        def block(t0: int) -> Tensor:
+            rows = self.scoring[t0:t0 + step]
+            return buffer[:len(rows)].copy_(rows) if upcast else rows  # exact: every float16 is a float32
+
+        # pass 1: the best score of every block, per query (one matmul + max per block, nothing else)
+        starts = range(0, len(self), step)
+        maxes = torch.empty((n, len(starts)), dtype=work, device=self.device)
+        for b, t0 in enumerate(starts):
+            maxes[:, b] = (queries @ block(t0).T).amax(dim=1)
+        threshold = maxes.amax(dim=1) - margin  # NaN queries: no candidate passes, best stays 0
+        # pass 2: only the blocks that can hold a candidate within the margin, for the queries concerned
+        hot = maxes >= threshold[:, None]
+        rows, cols = [], []
+        for b in torch.nonzero(hot.any(dim=0)).flatten().tolist():
+            q = torch.nonzero(hot[:, b]).flatten()
+            r, c = torch.nonzero((queries[q] @ block(starts[b]).T) >= threshold[q, None], as_tuple=True)
+            rows.append(q[r]), cols.append(c + starts[b])
+        rows = torch.cat(rows).cpu() if rows else torch.zeros(0, dtype=torch.long)
+        cols = torch.cat(cols).cpu() if cols else torch.zeros(0, dtype=torch.long)
         exact = (images64[rows] * self.exact(cols)).sum(-1)  # float64 re-check of the shortlist
         # per row: the largest float64 score, then the lowest index
         order = torch.argsort(cols, stable=True)
