@@ -96,7 +96,12 @@ def bench_data_step(sizes: Sequence[int] = (15, 100_000, 1_000_000), world: int 
     return rows
 
 
-def bench_scale(sizes: Sequence[int] | None = None, rounds: int = 3) -> list[dict]:
+def bench_scale(sizes: Sequence[int] | None = None, rounds: int = 3, turntable_views: int = 120) -> list[dict]:
+    """R@1 (4 views per prompt, and the turntable's views at the largest size <= 100k) and data rows."""
     retrieval_sizes = sizes or (15, 1000, 10_000, 100_000)
     data_sizes = sizes or (15, 100_000, 1_000_000)
-    return bench_retrieval(retrieval_sizes, rounds=rounds) + bench_data_step(data_sizes, rounds=rounds)
+    rows = bench_retrieval(retrieval_sizes, rounds=rounds)
+    turntable = max([n for n in retrieval_sizes if n <= 100_000], default=None)
+    if turntable and turntable_views:
+        rows += bench_retrieval((turntable,), views=turntable_views, rounds=min(rounds, 2), prompts_per_round=1)
+    return rows + bench_data_step(data_sizes, rounds=rounds)
