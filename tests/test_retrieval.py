@@ -128,7 +128,8 @@ def test_float32_scoring_with_float64_recheck_equals_the_float64_reference(scale
 
     images, texts, own = _near_ties(scale=scale)
     sim, best = float64_reference(images, texts, own, text_chunk)
-    indexes = [CandidateIndex(texts, chunk=text_chunk, dtype=dt) for dt in (torch.float16, torch.float32, torch.float64)]
+    dtypes = (torch.float16, torch.float32, torch.float64)
+    indexes = [CandidateIndex(texts, chunk=text_chunk, dtype=dt) for dt in dtypes]
     for candidates in (texts, *indexes):
         res = retrieve(images, candidates, own, image_chunk=64, text_chunk=text_chunk)
         assert torch.equal(res.best, best) and torch.equal(res.similarity, sim)
