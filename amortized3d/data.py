@@ -7,13 +7,21 @@ a prompt-epoch is a seeded permutation of the N training prompts laid out in
 ``ceil(N / (world*B))`` steps of ``world*B`` slots; rank r takes slots [r*B, (r+1)*B) of
 each step. Slots past N are padding (weight 0) so every rank runs the same number of steps
 (DDP needs that) without any prompt being dropped or counted twice.
+
+The slots form one global sequence per epoch, independent of the world size: a step of
+``world*B`` slots consumes the next ``world*B`` prompts of the epoch's permutation. A
+:class:`StreamPosition` (step, epoch, offset = prompts of that epoch already consumed) is
+stored in the checkpoint by :meth:`PromptDataModule.state_dict`; resuming with another world
+size or per-rank batch continues the same epoch from that offset, so no prompt is skipped or
+repeated. The permutation of an epoch is computed once and cached, not once per step.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -33,6 +41,29 @@ def step_generator(seed: int, step: int, rank: int, stream: str, device: str | t
     return g
 
 
+@lru_cache(maxsize=4)
+def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of prompt-epoch ``epoch`` (cached: computed once per epoch, not per step).
+
+    The returned tensor is shared by every caller: read it, never write to it.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, "prompt-epoch", epoch))
+    return torch.randperm(num_prompts, generator=g)
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where the global prompt stream stands before ``step``: ``offset`` prompts of ``epoch`` consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+
+    def consumed(self, num_prompts: int) -> int:
+        """Global prompts consumed since the start of training (padding excluded)."""
+        return self.epoch * num_prompts + self.offset
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     num_prompts: int
@@ -40,30 +71,48 @@ class ShardLayout:
     world_size: int = 1
     seed: int = 0
     shuffle: bool = True
+    anchor: StreamPosition = field(default_factory=StreamPosition)  # resume point (from another layout)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
             raise ValueError("the training split has no prompts")
         if self.batch_size < 1 or self.world_size < 1:
             raise ValueError(f"batch_size and world_size must be >= 1, got {self.batch_size}, {self.world_size}")
+        if not 0 <= self.anchor.offset < self.num_prompts or self.anchor.step < 0 or self.anchor.epoch < 0:
+            raise ValueError(f"stream position {self.anchor} outside an epoch of {self.num_prompts} prompts")
+
+    @property
+    def slots_per_step(self) -> int:
+        return self.world_size * self.batch_size
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_prompts / (self.world_size * self.batch_size))
+        return math.ceil(self.num_prompts / self.slots_per_step)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_prompts)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "prompt-epoch", epoch))
-        return torch.randperm(self.num_prompts, generator=g)
+        return epoch_permutation(self.num_prompts, self.seed, epoch)
+
+    def position(self, step: int) -> StreamPosition:
+        """The stream position before global ``step`` (>= the anchor's step)."""
+        a = self.anchor
+        if step < a.step:
+            raise ValueError(f"step {step} precedes this stream's resume point (step {a.step})")
+        first = math.ceil((self.num_prompts - a.offset) / self.slots_per_step)  # steps left in the anchor epoch
+        k = step - a.step
+        if k < first:
+            return StreamPosition(step, a.epoch, a.offset + k * self.slots_per_step)
+        epoch, j = divmod(k - first, self.steps_per_epoch)
+        return StreamPosition(step, a.epoch + 1 + epoch, j * self.slots_per_step)
 
     def batch(self, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt ids [B], weights [B]) of ``rank`` at global ``step``; weight 0 marks padding."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of size {self.world_size}")
-        epoch, k = divmod(step, self.steps_per_epoch)
-        perm = self.permutation(epoch)
-        start = (k * self.world_size + rank) * self.batch_size
+        pos = self.position(step)
+        perm = self.permutation(pos.epoch)
+        start = pos.offset + rank * self.batch_size
         slots = torch.arange(start, start + self.batch_size)
         real = slots < self.num_prompts
         ids = perm[slots % self.num_prompts]
@@ -103,13 +152,47 @@ class PromptDataModule(L.LightningDataModule):
         self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.start_step = 0  # set from the checkpoint on resume, before the loader is built
+        self.anchor = StreamPosition()  # stream position at start_step (from the checkpoint's state_dict)
+        self._world_size = 1  # of the last layout built: the one the saved position refers to
 
     def layout(self, world_size: int) -> ShardLayout:
-        return ShardLayout(len(self.train_prompts), self.batch_size, world_size, self.seed, self.shuffle)
+        return ShardLayout(len(self.train_prompts), self.batch_size, world_size, self.seed, self.shuffle,
+                           self.anchor)
+
+    def _current_step(self) -> int:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        step = getattr(module, "batch_index", None)
+        return int(step) if step is not None else self.start_step
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global stream position of the next training step (saved in every checkpoint).
+
+        ``consumed`` prompts of the global sequence are done; a resume with any world size or
+        per-rank batch continues from there (:meth:`load_state_dict`).
+        """
+        step = self._current_step()
+        pos = self.layout(self._world_size).position(max(step, self.anchor.step))
+        n = len(self.train_prompts)
+        return {"step": pos.step, "epoch": pos.epoch, "offset": pos.offset, "consumed": pos.consumed(n),
+                "num_prompts": n, "seed": self.seed, "shuffle": self.shuffle,
+                "world_size": self._world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = len(self.train_prompts)
+        saved = (int(state["num_prompts"]), int(state["seed"]), bool(state["shuffle"]))
+        if saved != (n, self.seed, self.shuffle):
+            raise ValueError(f"the checkpoint's prompt stream (num_prompts, seed, shuffle) = {saved} differs from "
+                             f"this run's {(n, self.seed, self.shuffle)}: the epoch cannot continue exactly once")
+        self.anchor = StreamPosition(int(state["step"]), int(state["epoch"]), int(state["offset"]))
+        self.start_step = self.anchor.step
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if self.start_step < self.anchor.step:
+            raise RuntimeError(f"training resumes at step {self.start_step} but the checkpoint's data stream is at "
+                               f"step {self.anchor.step}")
+        self._world_size = world
         stream = PromptStream(self.layout(world), rank)
         stream.start_step = self.start_step
         return DataLoader(stream, batch_size=None, num_workers=0)

@@ -57,3 +57,17 @@ def test_invalid_layouts_are_rejected():
         ShardLayout(0, 4)
     with pytest.raises(ValueError, match="rank 2"):
         ShardLayout(4, 2, world_size=2).batch(0, 2)
+
+
+def test_the_permutation_is_computed_once_per_epoch_not_per_step(monkeypatch):
+    import amortized3d.data as data
+
+    getattr(data, "epoch_permutation", None) and data.epoch_permutation.cache_clear()
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    layout = ShardLayout(1000, 10, 4, seed=5)
+    batches = [layout.batch(step, rank) for step in range(2 * layout.steps_per_epoch) for rank in range(4)]
+    assert len(calls) == 2  # one permutation per epoch, shared by every step and rank
+    first = torch.cat([ids for ids, _ in batches[:4 * layout.steps_per_epoch]])
+    assert sorted(first.tolist()) == list(range(1000))  # and the cached permutation is not corrupted

@@ -91,3 +91,121 @@ def test_merge_refuses_duplicates_and_losses():
         merge_shards([{0: "a"}, {1: "b"}], 3)
     with pytest.raises(RuntimeError, match=r"unexpected \[5\]"):
         merge_shards([{0: "a", 5: "x"}], 1)
+
+
+def float64_reference(images: torch.Tensor, texts: torch.Tensor, own: torch.Tensor, text_chunk: int = 8192):
+    """Today's (pre-issue-15) algorithm: float64 scores, strict > across chunks, first max within one."""
+    def norm(x):
+        x = x.double()
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    imgs = norm(images)
+    sim = (imgs * norm(texts[own])).sum(-1)
+    best_val = torch.full((len(imgs),), -torch.inf, dtype=torch.float64)
+    best_idx = torch.zeros(len(imgs), dtype=torch.long)
+    for t0 in range(0, len(texts), text_chunk):
+        val, idx = (imgs @ norm(texts[t0:t0 + text_chunk]).T).max(dim=1)
+        better = val > best_val
+        best_val, best_idx = torch.where(better, val, best_val), torch.where(better, idx + t0, best_idx)
+    return sim, best_idx
+
+
+def _near_ties(num_text=3000, dim=64, num_images=200, scale=1e-9, seed=0):
+    """Candidates within ~scale of a few centres, images 0.1 away from them: their cosines differ by
+    ~scale/10, which float64 resolves (1e-16) and float32 does not (6e-8) for scale <= 1e-6."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(5, dim, generator=g, dtype=torch.float64), dim=-1)
+    texts = centres[torch.randint(0, 5, (num_text,), generator=g)]
+    texts = texts + scale * torch.randn(num_text, dim, generator=g, dtype=torch.float64)
+    images = centres[torch.randint(0, 5, (num_images,), generator=g)] + 0.1 * torch.nn.functional.normalize(
+        torch.randn(num_images, dim, generator=g, dtype=torch.float64), dim=-1)
+    return images, texts, torch.randint(0, num_text, (num_images,), generator=g)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-6, 1e-4, 1e-2])
+@pytest.mark.parametrize("text_chunk", [512, 8192])
+def test_float32_scoring_with_float64_recheck_equals_the_float64_reference(scale, text_chunk):
+    from amortized3d.evaluation.retrieval import CandidateIndex
+
+    images, texts, own = _near_ties(scale=scale)
+    sim, best = float64_reference(images, texts, own, text_chunk)
+    dtypes = (torch.float16, torch.float32, torch.float64)
+    indexes = [CandidateIndex(texts, chunk=text_chunk, dtype=dt) for dt in dtypes]
+    for candidates in (texts, *indexes):
+        res = retrieve(images, candidates, own, image_chunk=64, text_chunk=text_chunk)
+        assert torch.equal(res.best, best) and torch.equal(res.similarity, sim)
+        assert torch.equal(res.hit, (best == own).double())
+    if scale <= 1e-6:  # the case has teeth: a plain float32 argmax gets many of these wrong
+        f32 = torch.nn.functional.normalize(images.float(), dim=-1) @ torch.nn.functional.normalize(
+            texts.float(), dim=-1).T
+        assert (f32.argmax(dim=1) != best).sum() > 10
+
+
+@pytest.mark.parametrize("text_chunk", [512, 1000, 8192])
+def test_exact_duplicate_candidates_go_to_the_lowest_index_across_ragged_chunks(text_chunk):
+    g = torch.Generator().manual_seed(3)
+    texts = torch.randn(3000, 64, generator=g)
+    for i in (700, 1500, 2999):  # copies of candidate 3 in other (and the last, shorter) chunks
+        texts[i] = texts[3]
+    images = texts[3] * torch.tensor([[1.0], [0.5], [3.0], [7.0]])
+    res = retrieve(images, texts, torch.full((4,), 2999), image_chunk=2, text_chunk=text_chunk)
+    assert res.best.tolist() == [3] * 4 and res.hit.tolist() == [0.0] * 4
+
+
+def test_random_clip_like_retrieval_equals_the_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    texts = torch.randn(20000, 512, generator=g)
+    own = torch.randint(0, 20000, (64,), generator=g)
+    images = texts[own] + 5.3 * torch.randn(64, 512, generator=g)  # about half the views miss
+    sim, best = float64_reference(images, texts, own)
+    res = retrieve(images, texts, own)
+    assert torch.equal(res.best, best) and torch.equal(res.similarity, sim)
+    assert 0 < res.hit.sum() < len(own)
+
+
+def test_the_clip_scorer_normalises_the_candidates_once_not_per_prompt(monkeypatch):
+    import amortized3d.evaluation.retrieval as retrieval
+    from amortized3d.evaluation.scorers import ClipScorer
+
+    rows = []
+    real = retrieval.normalize
+    monkeypatch.setattr(retrieval, "normalize", lambda x: rows.append(len(x)) or real(x))
+    g = torch.Generator().manual_seed(2)
+    texts = torch.randn(1000, 8, generator=g)
+
+    class Encoder:
+        def encode_images(self, renders):  # 4 views near candidate 7
+            return texts[7] + 0.01 * torch.randn(len(renders), 8, generator=g)
+
+    scorer = ClipScorer(Encoder(), [f"p{i}" for i in range(1000)], texts)
+    built = sum(rows)
+    for _ in range(5):
+        out = scorer.score(7, "p7", torch.zeros(4, 3, 2, 2))
+        assert out["r_at_1"].tolist() == [1.0] * 4
+    assert built <= 1000 and sum(rows) - built <= 5 * 3 * 4  # per prompt: its views, never the candidates
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_error_bound_covers_the_observed_scoring_error(dtype):
+    from amortized3d.evaluation.retrieval import CandidateIndex, normalize, score_error_bound
+
+    g = torch.Generator().manual_seed(4)
+    texts = torch.randn(4000, 512, generator=g) * torch.rand(4000, 1, generator=g)  # any norms
+    images = normalize(torch.randn(16, 512, generator=g))
+    index = CandidateIndex(texts, dtype=dtype)
+    err = (images.float() @ index.scoring.float().T).double() - images @ normalize(texts).T
+    bound = score_error_bound(512, dtype)
+    assert err.abs().max() <= bound
+    assert err.abs().max() > bound / 1000  # the bound is not vacuous either
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_index_equals_the_float64_reference(monkeypatch, tf32):
+    from amortized3d.evaluation.retrieval import CandidateIndex
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    images, texts, own = _near_ties(scale=1e-6)
+    sim, best = float64_reference(images, texts, own)
+    for dtype in (torch.float16, torch.float32):
+        res = retrieve(images, CandidateIndex(texts, device="cuda", dtype=dtype), own, image_chunk=64)
+        assert torch.equal(res.best, best) and torch.equal(res.similarity, sim)

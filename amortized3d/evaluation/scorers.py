@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.evaluation.oracle import oracle_references, oracle_views
-from amortized3d.evaluation.retrieval import retrieve
+from amortized3d.evaluation.retrieval import CandidateIndex, retrieve
 from amortized3d.text.cache import EmbeddingCache
 
 EVALUATORS = ("clip", "oracle")
@@ -35,7 +35,9 @@ class ClipScorer:
                  text_chunk: int = 8192):
         if len(text_emb) != len(candidates):
             raise ValueError(f"{len(text_emb)} text embeddings for {len(candidates)} candidates")
-        self.encoder, self.text_emb = encoder, text_emb.float()
+        # normalised once for the whole evaluation, on the encoder's device (issue 15: was per prompt)
+        self.encoder, self.text_emb = encoder, CandidateIndex(text_emb.float(), getattr(encoder, "device", "cpu"),
+                                                              chunk=text_chunk)
         self.image_chunk, self.text_chunk = image_chunk, text_chunk
 
     def score(self, index: int, prompt: str, renders: Tensor) -> dict[str, Tensor]:
