@@ -18,6 +18,7 @@ repeated. The permutation of an epoch is computed once and cached, not once per 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,6 +27,8 @@ from typing import Any, Iterator, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: object) -> int:
@@ -147,10 +150,13 @@ class PromptDataModule(L.LightningDataModule):
     """Train prompts (sharded stream) and validation prompts of a corpus."""
 
     def __init__(self, train_prompts: Sequence[str], val_prompts: Sequence[str], batch_size: int,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, resume_forced: bool = False):
         super().__init__()
         self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        # resume.force=true: the user accepted a changed stream (seed, corpus); continue at the
+        # saved step instead of refusing, without the exactly-once guarantee for that epoch.
+        self.resume_forced = bool(resume_forced)
         self.start_step = 0  # set from the checkpoint on resume, before the loader is built
         self.anchor = StreamPosition()  # stream position at start_step (from the checkpoint's state_dict)
         self._world_size = 1  # of the last layout built: the one the saved position refers to
@@ -180,10 +186,15 @@ class PromptDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = len(self.train_prompts)
         saved = (int(state["num_prompts"]), int(state["seed"]), bool(state["shuffle"]))
+        offset = int(state["offset"])
         if saved != (n, self.seed, self.shuffle):
-            raise ValueError(f"the checkpoint's prompt stream (num_prompts, seed, shuffle) = {saved} differs from "
-                             f"this run's {(n, self.seed, self.shuffle)}: the epoch cannot continue exactly once")
-        self.anchor = StreamPosition(int(state["step"]), int(state["epoch"]), int(state["offset"]))
+            message = (f"the checkpoint's prompt stream (num_prompts, seed, shuffle) = {saved} differs from "
+                       f"this run's {(n, self.seed, self.shuffle)}: the epoch cannot continue exactly once")
+            if not self.resume_forced:
+                raise ValueError(message)
+            log.warning("%s; continuing at step %s as forced (resume.force=true)", message, state["step"])
+            offset = offset if saved[0] == n else 0  # another corpus size: its epoch starts afresh
+        self.anchor = StreamPosition(int(state["step"]), int(state["epoch"]), offset)
         self.start_step = self.anchor.step
 
     def train_dataloader(self) -> DataLoader:
