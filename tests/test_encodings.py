@@ -36,11 +36,12 @@ def test_layout_has_dense_and_hashed_levels():
     assert default.output_dim == 32 and default._res[-1].item() == 4084  # "max ~ 4096"
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_instances", [1, 3])
 @pytest.mark.parametrize("dense_levels", ["grid_sample", "gather"])
-def test_matches_naive_reference_values_and_gradients(num_instances, dense_levels):
+def test_matches_naive_reference_values_and_gradients(num_instances, dense_levels, fused):
     torch.manual_seed(0)
-    enc = make(num_instances=num_instances, dense_levels=dense_levels)
+    enc = make(num_instances=num_instances, dense_levels=dense_levels, fused=fused)
     x = (torch.rand(4, 300, 3, dtype=torch.float64) * 2 - 1) * 1.7  # some points outside bound
     ids = torch.tensor([2, 0, 2, 1]) % num_instances
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
