@@ -280,7 +280,8 @@ class HashGridEncoding(nn.Module):
             if first:
                 rows_all = rows_all - int(self._offsets[first])
             if instance_ids is not None and self.num_instances > 1:
-                rows_all = rows_all + (instance_ids.long() * self.rows_per_instance).repeat_interleave(n)[None, :, None]
+                start = (instance_ids.long() * self.rows_per_instance).repeat_interleave(n)
+                rows_all = rows_all + start.to(rows_all.dtype)[None, :, None]
             out = _InterpolateRows.apply(flat, rows_all, weight_all)      # [l, BN, F]
             for i, level in enumerate(range(first, self.n_levels)):
                 parts[level] = out[i]
@@ -294,12 +295,16 @@ class HashGridEncoding(nn.Module):
         frac = pos - cell.to(u.dtype)                                      # grads flow to x here
         weight = _corners(torch.stack([1.0 - frac, frac], dim=-1), torch.mul)
         ends = torch.stack([cell, cell + 1], dim=-1)                       # [l,M,3,2]
-        if hashed:
+        if hashed:  # products in int64 (coords < 2^31, primes < 2^32), then masked below 2^31
             terms = (ends * self._primes[:, None]) & (2**self.log2_hashmap_size - 1)
-            rows = _corners(terms, torch.bitwise_xor)
         else:
-            rows = _corners(ends * self._strides[levels][:, None, :, None], torch.add)
-        return rows + self._offsets[levels][:, None, None], weight
+            terms = ends * self._strides[levels][:, None, :, None]
+        # The full-size [l,M,8] arithmetic runs in int32 when every row number fits (half the
+        # memory traffic and half the saved index memory); the backward widens for index_add_.
+        small = self.num_instances * self.rows_per_instance < 2**31
+        terms = terms.int() if small else terms
+        rows = _corners(terms, torch.bitwise_xor if hashed else torch.add)
+        return rows + self._offsets[levels][:, None, None].to(rows.dtype), weight
 
     def _dense_level_fused(self, u: Tensor, rows: Tensor, level: int) -> Tensor:
         """One dense level of a shared table (its rows [(n+1)^3, F]) by grid_sample: u [M,3] -> [M,F].
@@ -356,7 +361,8 @@ class _InterpolateRows(torch.autograd.Function):
         grad_table = grad_weight = None
         if ctx.needs_input_grad[0]:
             values = (weight.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, table.shape[-1])
-            grad_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1), values.to(table.dtype))
+            # int64 index: CPU index_add_ is several times slower with an int32 one.
+            grad_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1).long(), values.to(table.dtype))
         if ctx.needs_input_grad[2]:
             feats = table.index_select(0, rows.reshape(-1)).view(*rows.shape, table.shape[-1])
             grad_weight = torch.matmul(feats.to(grad.dtype), grad.unsqueeze(-1)).squeeze(-1)
