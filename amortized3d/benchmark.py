@@ -118,11 +118,13 @@ def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = ()
 
 
 def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
-                 cache_dir: str | None = None) -> list[dict]:
+                 cache_dir: str | None = None, compare_skip: bool = True) -> list[dict]:
     """Render throughput of the configured generator + renderer (rays/s): training renders
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
-    at the configured resolution and sample budget."""
+    at the configured resolution and sample budget. ``compare_skip``: every row twice, with the
+    renderer's empty-space skipping off (the previous path, "[full]") and on ("[skip]");
+    ``speedup_vs_full`` is the ratio of the two."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
     from amortized3d.evaluation.orbit import Orbit
 
@@ -142,18 +144,37 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     def eval_render(bake_grid):
         return lambda: system.render(prompts[:1], eval_views, bake=bake_grid, renderer=eval_renderer)
 
+    def skipping(fn, on: bool):  # the same system with renderer.skip_empty_space set for this call
+        def run():
+            before = system.renderer.skip_empty_space, eval_renderer.skip_empty_space
+            system.renderer.skip_empty_space = eval_renderer.skip_empty_space = on
+            try:
+                return fn()
+            finally:
+                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before
+        return run
+
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
+    if compare_skip:  # old path (skip_empty_space=False) vs empty-space skipping, interleaved
+        candidates = {f"{k} [{'skip' if on else 'full'}]": skipping(fn, on)
+                      for k, fn in candidates.items() for on in (False, True)}
     times = time_interleaved(candidates, rounds=rounds)
     rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
             for k in times}
-    base = rays["train: forward+backward"] / times["train: forward+backward"]
+    train_key = next(k for k in times if k.startswith("train"))
+    base = rays[train_key] / times[train_key]
     samples = {"train": system.renderer.num_samples + system.renderer.num_importance,
                "eval": eval_renderer.num_samples + eval_renderer.num_importance}
-    return [{"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
-             "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
-            for k, v in times.items()]
+    rows = []
+    for k, v in times.items():
+        row = {"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
+               "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
+        if k.endswith("[skip]"):
+            row["speedup_vs_full"] = times[k.replace("[skip]", "[full]")] / v
+        rows.append(row)
+    return rows
 
 
 def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens: bool = True) -> list[dict]:
