@@ -118,13 +118,14 @@ def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = ()
 
 
 def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
-                 cache_dir: str | None = None, compare_skip: bool = True) -> list[dict]:
+                 cache_dir: str | None = None, compare: bool = True) -> list[dict]:
     """Render throughput of the configured generator + renderer (rays/s): training renders
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
-    at the configured resolution and sample budget. ``compare_skip``: every row twice, with the
-    renderer's empty-space skipping off (the previous path, "[full]") and on ("[skip]");
-    ``speedup_vs_full`` is the ratio of the two."""
+    at the configured resolution and sample budget. ``compare``: every row for the previous path
+    ("[old]": hash grid ``fused=False``, no skipping), the fused hash grid ("[fused grid]") and
+    the fused grid with ``renderer.skip_empty_space`` ("[fused grid + skip]"), interleaved on
+    the same system; ``speedup_vs_old`` is the ratio to "[old]"."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
     from amortized3d.evaluation.orbit import Orbit
 
@@ -144,22 +145,31 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     def eval_render(bake_grid):
         return lambda: system.render(prompts[:1], eval_views, bake=bake_grid, renderer=eval_renderer)
 
-    def skipping(fn, on: bool):  # the same system with renderer.skip_empty_space set for this call
+    grids = [m for m in system.generator.modules() if isinstance(m, HashGridEncoding)]
+
+    def configured(fn, fused: bool, skip: bool):  # the same system, hash grid path and skipping set per call
         def run():
-            before = system.renderer.skip_empty_space, eval_renderer.skip_empty_space
-            system.renderer.skip_empty_space = eval_renderer.skip_empty_space = on
+            before = ([g.fused for g in grids], system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
+            for g in grids:
+                g.fused = fused
+            system.renderer.skip_empty_space = eval_renderer.skip_empty_space = skip
             try:
                 return fn()
             finally:
-                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before
+                for g, f in zip(grids, before[0]):
+                    g.fused = f
+                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[1:]
         return run
 
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
-    if compare_skip:  # old path (skip_empty_space=False) vs empty-space skipping, interleaved
-        candidates = {f"{k} [{'skip' if on else 'full'}]": skipping(fn, on)
-                      for k, fn in candidates.items() for on in (False, True)}
+    if compare:  # old (previous hash grid, no skipping) vs fused hash grid vs fused + skipping
+        variants = {"old": (False, False), "fused grid": (True, False), "fused grid + skip": (True, True)}
+        if not grids:
+            variants = {"old": (False, False), "skip": (False, True)}
+        candidates = {f"{k} [{v}]": configured(fn, *flags) for k, fn in candidates.items()
+                      for v, flags in variants.items()}
     times = time_interleaved(candidates, rounds=rounds)
     rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
             for k in times}
@@ -171,8 +181,8 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     for k, v in times.items():
         row = {"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
                "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
-        if k.endswith("[skip]"):
-            row["speedup_vs_full"] = times[k.replace("[skip]", "[full]")] / v
+        if compare:
+            row["speedup_vs_old"] = times[k[:k.rindex("[")] + "[old]"] / v
         rows.append(row)
     return rows
 
