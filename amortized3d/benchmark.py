@@ -122,10 +122,10 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     """Render throughput of the configured generator + renderer (rays/s): training renders
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
-    at the configured resolution and sample budget. ``compare``: every row for the previous path
-    ("[old]": hash grid ``fused=False``, no skipping), the fused hash grid ("[fused grid]") and
-    the fused grid with ``renderer.skip_empty_space`` ("[fused grid + skip]"), interleaved on
-    the same system; ``speedup_vs_old`` is the ratio to "[old]"."""
+    at the configured resolution and sample budget (rows without a suffix: as configured). With
+    ``compare`` every row also for the previous path ("[old]": hash grid ``fused=False``, no
+    skipping) and with ``renderer.skip_empty_space`` on ("[skip]"), interleaved on the same
+    system; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
     from amortized3d.evaluation.orbit import Orbit
 
@@ -164,17 +164,15 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
-    if compare:  # old (previous hash grid, no skipping) vs fused hash grid vs fused + skipping
-        variants = {"old": (False, False), "fused grid": (True, False), "fused grid + skip": (True, True)}
-        if not grids:
-            variants = {"old": (False, False), "skip": (False, True)}
-        candidates = {f"{k} [{v}]": configured(fn, *flags) for k, fn in candidates.items()
-                      for v, flags in variants.items()}
+    if compare:  # + the previous path ("[old]": fused=False, no skipping) and "[skip]" (skipping on)
+        fused_now = all(g.fused for g in grids)
+        candidates = {**{f"{k} {v}": configured(fn, *flags) for k, fn in candidates.items()
+                         for v, flags in {"[old]": (False, False), "[skip]": (fused_now, True)}.items()},
+                      **candidates}
     times = time_interleaved(candidates, rounds=rounds)
     rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
             for k in times}
-    train_key = next(k for k in times if k.startswith("train"))
-    base = rays[train_key] / times[train_key]
+    base = rays["train: forward+backward"] / times["train: forward+backward"]
     samples = {"train": system.renderer.num_samples + system.renderer.num_importance,
                "eval": eval_renderer.num_samples + eval_renderer.num_importance}
     rows = []
@@ -182,7 +180,7 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
         row = {"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
                "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
         if compare:
-            row["speedup_vs_old"] = times[k[:k.rindex("[")] + "[old]"] / v
+            row["speedup_vs_old"] = times[k.split(" [")[0] + " [old]"] / v
         rows.append(row)
     return rows
 
