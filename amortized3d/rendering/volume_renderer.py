@@ -170,9 +170,10 @@ class VolumeRenderer(nn.Module):
                              f"{field.kind!r}; set the renderer's density to {expected!r}")
 
     def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor, far: Tensor,
-                  generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+                  generator: torch.Generator | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Importance samples [B,R,num_importance] from the stratified proposal ``t``, and the
-        proposal's optical depths ``tau`` and transmittances [B,R,S] (for :meth:`_occupied`).
+        proposal's (optical depth, transmittance, density [B,R,S], albedo [B,R,S,3]) for
+        :meth:`_occupied` and the stand-ins of skipped samples.
 
         Gradient-free: sample positions are not differentiated, and skipping the graph here
         halves the activation memory of a training step.
@@ -180,16 +181,18 @@ class VolumeRenderer(nn.Module):
         b, r, s = t.shape
         with torch.no_grad():
             points = origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]
-            geometry, _ = field.query(points.reshape(b, r * s, 3))
+            geometry, albedo = field.query(points.reshape(b, r * s, 3))
             sigma = self.sigma(geometry.to(t.dtype).reshape(b, r, s))
             weights, transmittance = composite_weights(sigma, t, far)
             bins = torch.cat([t, far.expand_as(t[..., :1])], dim=-1)
             t_fine = sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
                                 generator=generator)
-            return t_fine, sigma * sample_deltas(t, far), transmittance
+            proposal = (sigma * sample_deltas(t, far), transmittance, sigma, albedo.to(t.dtype).reshape(b, r, s, 3))
+            return t_fine, proposal
 
-    def _occupied(self, t_coarse: Tensor, tau: Tensor, transmittance: Tensor, t: Tensor) -> Tensor:
-        """Which samples ``t`` [B,R,S'] the expensive (gradient) pass must query: [B,R,S'] bool.
+    def _occupied(self, t_coarse: Tensor, tau: Tensor, transmittance: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Which samples ``t`` [B,R,S'] the expensive (gradient) pass must query: [B,R,S'] bool,
+        and each sample's proposal interval j [B,R,S'].
 
         From the proposal pass, i.e. a coarse occupancy estimate of each generated field at
         this step (no per-prompt grid to store): a sample in proposal interval j is kept when
@@ -197,7 +200,9 @@ class VolumeRenderer(nn.Module):
         ``skip_tau_threshold`` (empty space is dropped; the dilation keeps a surface that falls
         between two proposal samples) and the proposal transmittance at the start of interval
         j-1 is above ``skip_transmittance`` (early ray termination, one interval of margin).
-        A dropped sample is composited with zero density and albedo.
+        A dropped sample is composited with the proposal's density and albedo (no gradient) at
+        the start of its interval; that is exact for the stratified samples (they ARE the
+        proposal's samples), so only the gradient of the dropped samples is missing.
         """
         s = t_coarse.shape[-1]
         j = (torch.searchsorted(t_coarse.contiguous(), t.contiguous(), right=True) - 1).clamp(0, s - 1)
@@ -205,7 +210,7 @@ class VolumeRenderer(nn.Module):
         dilated = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
         alive = torch.cat([transmittance[..., :1], transmittance[..., :-1]], dim=-1)  # T at j-1
         keep = (dilated > self.skip_tau_threshold) & (alive > self.skip_transmittance)
-        return torch.gather(keep, -1, j)
+        return torch.gather(keep, -1, j), j
 
     def _render_rays(self, field: Field, origins: Tensor, directions: Tensor, with_gradient: bool,
                      compute_normals: bool, generator: torch.Generator | None,
@@ -216,11 +221,14 @@ class VolumeRenderer(nn.Module):
                                generator=generator, device=origins.device, dtype=origins.dtype)
         keep = None
         if self.num_importance > 0:
-            t_fine, tau, transmittance = self._proposal(field, origins, directions, t, far, generator)
+            t_fine, (tau, transmittance, sigma_c, albedo_c) = self._proposal(field, origins, directions, t, far,
+                                                                             generator)
             t_sorted = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
             # The eikonal term is a mean over all samples, empty space included: no skipping then.
             if self.skip_empty_space and skip:
-                keep = self._occupied(t, tau, transmittance, t_sorted)
+                keep, j = self._occupied(t, tau, transmittance, t_sorted)
+                fill_sigma = sigma_c.gather(-1, j)                                      # [B,R,S']
+                fill_albedo = albedo_c.gather(2, j[..., None].expand(-1, -1, -1, 3))  # [B,R,S',3]
             t = t_sorted
         s = t.shape[-1]
         points = (origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]).reshape(b, r * s, 3)
@@ -244,12 +252,13 @@ class VolumeRenderer(nn.Module):
         # cumulative optical depth in fp16/bf16 loses the transmittance of long rays.
         geometry, albedo = geometry.to(t.dtype), albedo.to(t.dtype)
         sigma = self.sigma(geometry)
-        if order is not None:  # dropped samples: zero density and albedo
-            mask = valid.to(t.dtype)
-            sigma = sigma.new_zeros(b, r * s).scatter(1, order, sigma * mask)
-            albedo = albedo.new_zeros(b, r * s, 3).scatter(1, order[..., None].expand(-1, -1, 3),
-                                                           albedo * mask[..., None])
+        if order is not None:  # dropped samples: the proposal's values (constants)
+            fill_sigma, fill_albedo = fill_sigma.reshape(b, r * s), fill_albedo.reshape(b, r * s, 3)
+            order3 = order[..., None].expand(-1, -1, 3)
+            sigma = fill_sigma.scatter(1, order, torch.where(valid, sigma, fill_sigma.gather(1, order)))
+            albedo = fill_albedo.scatter(1, order3, torch.where(valid[..., None], albedo, fill_albedo.gather(1, order3)))
             if compute_normals:
+                mask = valid.to(t.dtype)
                 gradient = gradient.new_zeros(b, r * s, 3).scatter(1, order[..., None].expand(-1, -1, 3),
                                                                    gradient * mask[..., None])
         weights, _ = composite_weights(sigma.reshape(b, r, s), t, far)  # [B,R,S]
