@@ -10,6 +10,12 @@ levels live in ONE flat parameter ``table`` [num_instances, rows, F] addressed t
 per-level row offsets. ``num_instances > 1`` gives every instance (e.g. every prompt of a
 per-prompt iNGP) its own tables while keeping a single batched gather.
 
+The default torch path (``fused=True``) gathers all table-indexed levels at once in
+level-major order through a custom autograd.Function that saves only int32 rows and weights
+and accumulates the table gradient with one ``index_add_``; dense levels of a shared table use
+``grid_sample`` (one batch for all fields). The same code runs on CPU and CUDA (measured on CPU
+only). ``fused=False`` keeps the previous autograd path for comparison.
+
 tiny-cuda-nn is optional and imported lazily: importing this module needs neither CUDA nor
 tinycudann. Its HashGrid parameterises resolutions slightly differently (scale
 ``b*s^l - 1`` and a half-cell offset), so its parameters are not interchangeable with the
@@ -335,7 +341,7 @@ class HashGridEncoding(nn.Module):
         return (f"implementation={self.implementation}, levels={self.n_levels}x"
                 f"{self.n_features_per_level}, log2_T={self.log2_hashmap_size}, "
                 f"base={self.base_resolution}, scale={self.per_level_scale}, "
-                f"bound={self.bound}, instances={self.num_instances}")
+                f"bound={self.bound}, instances={self.num_instances}, fused={self.fused}")
 
 
 class _InterpolateRows(torch.autograd.Function):
