@@ -30,29 +30,57 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench_hash_grid(num_points: int = 65536, rounds: int = 5, **grid) -> list[dict]:
-    """Forward+backward of the torch hash grid (grid_sample dense levels, generic gather) vs the naive reference."""
+#: Hash-grid settings measured by :func:`bench_hash_grid`: the quickstart's (Hyper-iNGP on the
+#: analytic world, configs/prior_generator/analytic_hyper_ingp.yaml) and the paper's
+#: (configs/generator/encoding/hash_grid.yaml).
+HASH_GRID_SETTINGS: dict[str, dict] = {
+    "quickstart": {"n_levels": 6, "log2_hashmap_size": 18, "base_resolution": 8, "per_level_scale": 1.51,
+                   "bound": 1.0},
+    "paper": {"n_levels": 16, "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447,
+              "bound": 2.0},
+}
+
+
+def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
+                    settings: Sequence[str] = ("quickstart", "paper"), memory: bool = True,
+                    naive: Sequence[str] = ("quickstart",)) -> list[dict]:
+    """Forward+backward (table gradient) of the torch hash grid: the fused path (default) vs the
+    previous autograd path (``fused=False``) and, for the settings in ``naive``, the loop
+    reference, interleaved per setting. ``fields`` prompts share the grid (Hyper-iNGP), each
+    querying ``num_points / fields`` points. Peak memory: :func:`peak_allocated_bytes`."""
     from amortized3d.generators.encodings_reference import naive_reference_for
 
-    grid = {"n_levels": 8, "log2_hashmap_size": 16, "base_resolution": 8, "per_level_scale": 1.6, "bound": 1.0,
-            **grid}
-    torch.manual_seed(0)
-    x = torch.rand(1, num_points, 3) * 2 - 1
-    fast = HashGridEncoding(implementation="torch", dense_levels="grid_sample", **grid)
-    gather = HashGridEncoding(implementation="torch", dense_levels="gather", **grid)
-    gather.load_state_dict(fast.state_dict())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for setting in settings:
+        grid = HASH_GRID_SETTINGS[setting]
+        torch.manual_seed(0)
+        x = (torch.rand(fields, num_points // fields, 3, device=device) * 2 - 1) * grid["bound"]
+        new = HashGridEncoding(implementation="torch", **grid).to(device)
+        old = HashGridEncoding(implementation="torch", fused=False, **grid).to(device)
+        old.load_state_dict(new.state_dict())
 
-    def step(fn):
-        return lambda: fn().sum().backward()
+        def step(fn, module):
+            def run():
+                module.zero_grad(set_to_none=True)
+                fn().sum().backward()
+                module.zero_grad(set_to_none=True)
+            return run
 
-    times = time_interleaved({
-        "torch (grid_sample dense levels)": step(lambda: fast(x)),
-        "torch (gather all levels)": step(lambda: gather(x)),
-        "naive reference (loop)": step(lambda: naive_reference_for(gather, x)),
-    }, rounds=rounds)
-    base = times["naive reference (loop)"]
-    return [{"benchmark": "hash grid fwd+bwd", "variant": k, "seconds": v, "points_per_s": num_points / v,
-             "speedup_vs_naive": base / v} for k, v in times.items()]
+        candidates = {"new: fused level-major gather": step(lambda: new(x), new),
+                      "old: autograd gather (fused=False)": step(lambda: old(x), old)}
+        if setting in naive:
+            candidates["naive reference (loop)"] = step(lambda: naive_reference_for(old, x), old)
+        times = time_interleaved(candidates, rounds=rounds)
+        base = times["old: autograd gather (fused=False)"]
+        for k, v in times.items():
+            row = {"benchmark": f"hash grid fwd+bwd ({setting})", "variant": k, "device": device,
+                   "points": x.shape[0] * x.shape[1], "seconds": v, "points_per_s": x.shape[0] * x.shape[1] / v,
+                   "speedup_vs_old": base / v}
+            if memory:
+                row["peak_MiB"] = peak_allocated_bytes(candidates[k]) / 2**20
+            rows.append(row)
+    return rows
 
 
 def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = None) -> dict:
@@ -90,11 +118,14 @@ def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = ()
 
 
 def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
-                 cache_dir: str | None = None) -> list[dict]:
+                 cache_dir: str | None = None, compare: bool = True) -> list[dict]:
     """Render throughput of the configured generator + renderer (rays/s): training renders
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
-    at the configured resolution and sample budget."""
+    at the configured resolution and sample budget (rows without a suffix: as configured). With
+    ``compare`` every row also for the previous path ("[old]": hash grid ``fused=False``, no
+    skipping) and with ``renderer.skip_empty_space`` on ("[skip]"), interleaved on the same
+    system; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
     from amortized3d.evaluation.orbit import Orbit
 
@@ -114,18 +145,44 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     def eval_render(bake_grid):
         return lambda: system.render(prompts[:1], eval_views, bake=bake_grid, renderer=eval_renderer)
 
+    grids = [m for m in system.generator.modules() if isinstance(m, HashGridEncoding)]
+
+    def configured(fn, fused: bool, skip: bool):  # the same system, hash grid path and skipping set per call
+        def run():
+            before = ([g.fused for g in grids], system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
+            for g in grids:
+                g.fused = fused
+            system.renderer.skip_empty_space = eval_renderer.skip_empty_space = skip
+            try:
+                return fn()
+            finally:
+                for g, f in zip(grids, before[0]):
+                    g.fused = f
+                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[1:]
+        return run
+
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
+    if compare:  # + the previous path ("[old]": fused=False, no skipping) and "[skip]" (skipping on)
+        fused_now = all(g.fused for g in grids)
+        candidates = {**{f"{k} {v}": configured(fn, *flags) for k, fn in candidates.items()
+                         for v, flags in {"[old]": (False, False), "[skip]": (fused_now, True)}.items()},
+                      **candidates}
     times = time_interleaved(candidates, rounds=rounds)
     rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
             for k in times}
     base = rays["train: forward+backward"] / times["train: forward+backward"]
     samples = {"train": system.renderer.num_samples + system.renderer.num_importance,
                "eval": eval_renderer.num_samples + eval_renderer.num_importance}
-    return [{"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
-             "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
-            for k, v in times.items()]
+    rows = []
+    for k, v in times.items():
+        row = {"benchmark": "render", "variant": k, "seconds": v, "rays_per_s": rays[k] / v,
+               "rays_per_s_vs_train_render": rays[k] / v / base, "samples_per_ray": samples[k.split(":")[0]]}
+        if compare:
+            row["speedup_vs_old"] = times[k.split(" [")[0] + " [old]"] / v
+        rows.append(row)
+    return rows
 
 
 def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens: bool = True) -> list[dict]:

@@ -302,3 +302,66 @@ def test_ray_bounds_of_missing_rays_are_empty() -> None:
     near, far = renderer.ray_bounds(origins, directions)
     assert torch.allclose(near[0], torch.tensor([1.5])) and torch.allclose(far[0], torch.tensor([2.5]))
     assert near[1].item() == far[1].item()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_space_skipping_matches_the_full_path(training: bool) -> None:
+    """skip_empty_space drops samples in empty space and behind opaque surfaces before the
+    gradient pass; the image and the field-parameter gradients equal the full path's."""
+    radii, colors = [0.25, 0.35], [[0.9, 0.1, 0.3], [0.2, 0.7, 0.4]]  # empty space around them
+    cams = cameras([0.0, 20.0, -5.0, 40.0], [0.0, 90.0, 200.0, -60.0], size=16)
+    results = {}
+    for skip in (False, True):
+        field = SphereField(radii, colors)
+        renderer = VolumeRenderer(num_samples=32, num_importance=16, bound_radius=1.0,
+                                  skip_empty_space=skip).train(training)
+        out = renderer(field, cams, compute_normals=True, regularizers=("sparsity",),
+                       generator=torch.Generator().manual_seed(0))
+        grads, color_grad = [], None
+        for loss in (out.rgb.square().sum(), out.depth.sum(), out.normal.sum()):
+            field.zero_grad()
+            loss.backward(retain_graph=True)
+            grads.append(field.radius.grad.clone())
+            color_grad = field.color.grad.clone() if color_grad is None else color_grad
+        results[skip] = (out, grads, color_grad, field.calls)
+    (full, r0, c0, calls0), (skip, r1, c1, calls1) = results[False], results[True]
+    for key in ("rgb", "opacity", "depth", "normal"):
+        # rgb/opacity measured <= 2e-7 off (dropped samples composite the proposal's values);
+        # normals of dropped samples are zero, and their weights < 1e-4
+        atol = 1e-4 if key == "normal" else 1e-5
+        torch.testing.assert_close(getattr(skip, key), getattr(full, key), rtol=0, atol=atol, msg=key)
+    for g1, g0 in zip(r1, r0):  # d(rgb^2), d(depth), d(normal) / d(radius); measured <= 6e-4 relative
+        torch.testing.assert_close(g1, g0, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(c1, c0, rtol=2e-3, atol=1e-3)
+    # Same proposal pass; the gradient pass queries (padded to the fuller field) ~half the samples.
+    assert calls1[0] == calls0[0]
+    assert calls1[1][1] < 0.6 * calls0[1][1]
+
+
+def test_empty_space_skipping_is_off_by_default_and_off_for_eikonal() -> None:
+    assert VolumeRenderer().skip_empty_space is False
+    field, cams = SphereField([R]), cameras([0.0], [0.0], size=8)
+    renderer = VolumeRenderer(num_samples=16, num_importance=8, skip_empty_space=True).eval()
+    renderer(field, cams, regularizers=("eikonal",))
+    assert field.calls[1] == (1, 7 * 64 * 24, 3)  # every sample and its stencil: no skipping
+
+
+def test_empty_space_skipping_on_a_density_field() -> None:
+    cams = cameras([0.0, 30.0], [0.0, 120.0], size=12)
+    outs, calls = [], []
+    for skip in (False, True):
+        field = BallDensity(8.0, "softplus")
+        field.calls = []
+        query = field.query
+        field.query = lambda p, q=query, f=field: (f.calls.append(tuple(p.shape)), q(p))[1]
+        renderer = VolumeRenderer(num_samples=32, num_importance=16, density="nerf", bound_radius=1.0,
+                                  skip_empty_space=skip).eval()
+        outs.append(renderer(field, cams))
+        outs[-1].opacity.sum().backward()
+        outs[-1] = (outs[-1], field.raw_inside.grad.clone())
+        calls.append(field.calls[1][1])
+    (full, g0), (skip, g1) = outs
+    for key in ("rgb", "opacity", "depth"):
+        torch.testing.assert_close(getattr(skip, key), getattr(full, key), rtol=0, atol=1e-5, msg=key)
+    torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)
+    assert calls[1] < 0.6 * calls[0]

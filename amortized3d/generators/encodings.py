@@ -10,6 +10,12 @@ levels live in ONE flat parameter ``table`` [num_instances, rows, F] addressed t
 per-level row offsets. ``num_instances > 1`` gives every instance (e.g. every prompt of a
 per-prompt iNGP) its own tables while keeping a single batched gather.
 
+The default torch path (``fused=True``) gathers all table-indexed levels at once in
+level-major order through a custom autograd.Function that saves only int32 rows and weights
+and accumulates the table gradient with one ``index_add_``; dense levels of a shared table use
+``grid_sample`` (one batch for all fields). The same code runs on CPU and CUDA (measured on CPU
+only). ``fused=False`` keeps the previous autograd path for comparison.
+
 tiny-cuda-nn is optional and imported lazily: importing this module needs neither CUDA nor
 tinycudann. Its HashGrid parameterises resolutions slightly differently (scale
 ``b*s^l - 1`` and a half-cell offset), so its parameters are not interchangeable with the
@@ -70,6 +76,7 @@ class HashGridEncoding(nn.Module):
         implementation: Implementation = "auto",
         init_std: float = 1e-4,
         dense_levels: str = "grid_sample",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if implementation not in ("auto", "torch", "tcnn"):
@@ -89,6 +96,10 @@ class HashGridEncoding(nn.Module):
         # Dense (non-hashed) levels are plain voxel grids; F.grid_sample interpolates them with one
         # fused kernel per level, ~3x faster on CPU than the generic gather (scripts/benchmark.py).
         self.dense_levels = dense_levels
+        # fused: level-major gather through _InterpolateRows (no [..., 8, F] corner features kept
+        # for backward, table gradient by one index_add_); False: the previous autograd path,
+        # kept for comparison (scripts/benchmark.py) and as a fallback.
+        self.fused = bool(fused)
         self.output_dim = n_levels * n_features_per_level
         self.implementation: str = self._resolve(implementation)
         if self.implementation == "tcnn":
@@ -172,6 +183,8 @@ class HashGridEncoding(nn.Module):
         return out.float().reshape(b, n, self.output_dim)
 
     def _forward_torch(self, x: Tensor, instance_ids: Tensor | None) -> Tensor:
+        if self.fused:
+            return self._forward_fused(x, instance_ids)
         if self.dense_levels == "gather" or not bool(self._dense.any()):
             return self._forward_gather(x, instance_ids, torch.arange(self.n_levels, device=x.device))
         dense = self._dense.nonzero().flatten().tolist()
@@ -231,6 +244,86 @@ class HashGridEncoding(nn.Module):
         out = torch.matmul(weight.unsqueeze(-2), feats.to(weight.dtype))  # [B,N,L,1,F]
         return out.reshape(b, n, len(levels) * self.n_features_per_level)
 
+    def _forward_fused(self, x: Tensor, instance_ids: Tensor | None) -> Tensor:
+        """Level-major fast path: [B,N,3] -> [B,N,L*F].
+
+        All gathered levels (dense and hashed rows built separately, then concatenated) go
+        through ONE gather with a level-major [L, B*N, 8] row tensor: consecutive lookups stay inside one
+        level's rows, which on CPU is ~2x faster than the point-major order (cache). Trilinear
+        weights are built once per group from per-dimension terms; the hash is masked per
+        dimension ((a&m)^(b&m)^(c&m) == (a^b^c)&m), so the full-size tensors see one xor
+        and one add. With ``dense_levels="grid_sample"`` the dense levels instead use one
+        fused grid_sample each when the table is shared (one instance: all fields' points are
+        ONE batch, so its backward accumulates into one [F, n^3] volume, not a dense copy per
+        field); with several instances all levels go through the gather.
+        """
+        b, n, _ = x.shape
+        feat = self.n_features_per_level
+        u = self.normalize(x).reshape(b * n, 3)
+        dense = self._dense.tolist()
+        parts: list[Tensor | None] = [None] * self.n_levels
+        flat = self.table.reshape(-1, feat)
+        first = 0  # first gathered level; dense levels come first (resolutions increase)
+        if self.dense_levels == "grid_sample" and self.num_instances == 1 and any(dense):
+            # ONE split of the table (its backward concatenates the pieces' gradients) instead
+            # of a slice per level (each slice's backward would zero-fill a full-size table).
+            first = sum(dense)
+            sizes = [int((self._res[lv] + 1) ** 3) for lv in range(first)]
+            pieces = self.table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
+            for level in range(first):
+                parts[level] = self._dense_level_fused(u, pieces[level], level)
+            flat = pieces[-1]
+        if first < self.n_levels:
+            rows, weight = [], []
+            for hashed in (False, True):
+                levels = [lv for lv in range(first, self.n_levels) if dense[lv] != hashed]
+                if levels:
+                    r, w = self._rows_and_weights(u, torch.tensor(levels, device=x.device), hashed)
+                    rows.append(r)
+                    weight.append(w)
+            rows_all = torch.cat(rows) if len(rows) > 1 else rows[0]      # [l, BN, 8]
+            weight_all = torch.cat(weight) if len(weight) > 1 else weight[0]
+            if first:
+                rows_all = rows_all - int(self._offsets[first])
+            if instance_ids is not None and self.num_instances > 1:
+                start = (instance_ids.long() * self.rows_per_instance).repeat_interleave(n)
+                rows_all = rows_all + start.to(rows_all.dtype)[None, :, None]
+            out = _InterpolateRows.apply(flat, rows_all, weight_all)      # [l, BN, F]
+            for i, level in enumerate(range(first, self.n_levels)):
+                parts[level] = out[i]
+        return torch.stack(parts, dim=1).reshape(b, n, self.output_dim)   # type: ignore[arg-type]
+
+    def _rows_and_weights(self, u: Tensor, levels: Tensor, hashed: bool) -> tuple[Tensor, Tensor]:
+        """Rows [l, M, 8] (int64, with level offsets) and trilinear weights [l, M, 8] of u [M, 3]."""
+        res = self._res[levels].to(u.dtype)[:, None, None]                 # [l,1,1]
+        pos = u[None] * res                                                # [l,M,3]
+        cell = torch.minimum(pos.detach().floor(), res - 1).long()
+        frac = pos - cell.to(u.dtype)                                      # grads flow to x here
+        weight = _corners(torch.stack([1.0 - frac, frac], dim=-1), torch.mul)
+        ends = torch.stack([cell, cell + 1], dim=-1)                       # [l,M,3,2]
+        if hashed:  # products in int64 (coords < 2^31, primes < 2^32), then masked below 2^31
+            terms = (ends * self._primes[:, None]) & (2**self.log2_hashmap_size - 1)
+        else:
+            terms = ends * self._strides[levels][:, None, :, None]
+        # The full-size [l,M,8] arithmetic runs in int32 when every row number fits (half the
+        # memory traffic and half the saved index memory); the backward widens for index_add_.
+        small = self.num_instances * self.rows_per_instance < 2**31
+        terms = terms.int() if small else terms
+        rows = _corners(terms, torch.bitwise_xor if hashed else torch.add)
+        return rows + self._offsets[levels][:, None, None].to(rows.dtype), weight
+
+    def _dense_level_fused(self, u: Tensor, rows: Tensor, level: int) -> Tensor:
+        """One dense level of a shared table (its rows [(n+1)^3, F]) by grid_sample: u [M,3] -> [M,F].
+
+        All fields' points form ONE batch, so the backward accumulates into one [F, n^3] volume.
+        """
+        m = u.shape[0]
+        n = int(self._res[level]) + 1
+        vol = rows.view(1, n, n, n, self.n_features_per_level).permute(0, 4, 1, 2, 3).to(u.dtype)
+        grid = (u * 2.0 - 1.0).view(1, m, 1, 1, 3)
+        out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.view(self.n_features_per_level, m).t()
+
     # ------------------------------------------------------------------ checkpointing
     def get_extra_state(self) -> dict[str, Any]:
         return {"implementation": self.implementation, "format": 1}
@@ -248,7 +341,38 @@ class HashGridEncoding(nn.Module):
         return (f"implementation={self.implementation}, levels={self.n_levels}x"
                 f"{self.n_features_per_level}, log2_T={self.log2_hashmap_size}, "
                 f"base={self.base_resolution}, scale={self.per_level_scale}, "
-                f"bound={self.bound}, instances={self.num_instances}")
+                f"bound={self.bound}, instances={self.num_instances}, fused={self.fused}")
+
+
+class _InterpolateRows(torch.autograd.Function):
+    """out[..., f] = sum_c weight[..., c] * table[rows[..., c], f] with a lean backward.
+
+    Autograd of ``index_select`` + ``matmul`` keeps the gathered corner features [..., 8, F]
+    alive until backward and scatters through an expanded [..., 8, F] index; here only rows
+    and weights are saved, the table gradient is ONE ``index_add_`` of ``weight * grad``
+    into a zero table, and the corner features are re-gathered in backward only when the
+    weights (i.e. the points) need a gradient. Computes in the weights' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rows: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        flat_rows = rows.reshape(-1)
+        feats = table.index_select(0, flat_rows).view(*rows.shape, table.shape[-1]).to(weight.dtype)
+        ctx.save_for_backward(table, rows, weight)
+        return torch.matmul(weight.unsqueeze(-2), feats).squeeze(-2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        table, rows, weight = ctx.saved_tensors
+        grad_table = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            values = (weight.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, table.shape[-1])
+            # int64 index: CPU index_add_ is several times slower with an int32 one.
+            grad_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1).long(), values.to(table.dtype))
+        if ctx.needs_input_grad[2]:
+            feats = table.index_select(0, rows.reshape(-1)).view(*rows.shape, table.shape[-1])
+            grad_weight = torch.matmul(feats.to(grad.dtype), grad.unsqueeze(-1)).squeeze(-1)
+        return grad_table, None, grad_weight
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:

@@ -18,7 +18,7 @@ from ..generators.base import Field
 from . import regularizers as regs
 from .backgrounds import Background, SolidBackground
 from .densities import (DENSITY_ACTIVATIONS, central_difference_gradient, central_difference_points,
-                        composite_weights, nerf_density, volsdf_density)
+                        composite_weights, nerf_density, sample_deltas, volsdf_density)
 from .output import RenderOutput
 from .sampling import sample_pdf, stratified_samples
 
@@ -48,7 +48,9 @@ class VolumeRenderer(nn.Module):
     def __init__(self, near: float = 0.1, far: float = 4.0, num_samples: int = 128, num_importance: int = 64,
                  density: str = "volsdf", volsdf_inv_std: float = 30.0,
                  nerf_density_activation: str = "softplus", normal_eps: float = 0.01,
-                 chunk_rays: int | None = None, bound_radius: float | None = None) -> None:
+                 chunk_rays: int | None = None, bound_radius: float | None = None,
+                 skip_empty_space: bool = False, skip_tau_threshold: float = 1e-5,
+                 skip_transmittance: float = 1e-4) -> None:
         super().__init__()
         if not 0.0 <= near < far:
             raise ValueError(f"need 0 <= near < far, got near={near}, far={far}")
@@ -73,12 +75,19 @@ class VolumeRenderer(nn.Module):
             raise ValueError(f"bound_radius must be positive or None, got {bound_radius}")
         # Samples only where the scene can be: [near, far] clipped to this sphere per ray.
         self.bound_radius = bound_radius
+        if skip_tau_threshold < 0 or not 0.0 <= skip_transmittance < 1.0:
+            raise ValueError("need skip_tau_threshold >= 0 and 0 <= skip_transmittance < 1")
+        # Empty-space skipping + early ray termination from the (gradient-free) proposal pass,
+        # which is each generated field's own coarse occupancy estimate: see _occupied.
+        self.skip_empty_space = bool(skip_empty_space)
+        self.skip_tau_threshold = float(skip_tau_threshold)
+        self.skip_transmittance = float(skip_transmittance)
 
     def extra_repr(self) -> str:
         return (f"near={self.near}, far={self.far}, samples={self.num_samples}+{self.num_importance}, "
                 f"density={self.density}, inv_std={self.volsdf_inv_std}, "
                 f"activation={self.nerf_density_activation}, chunk_rays={self.chunk_rays}, "
-                f"bound_radius={self.bound_radius}")
+                f"bound_radius={self.bound_radius}, skip_empty_space={self.skip_empty_space}")
 
     def ray_bounds(self, origins: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
         """Per-ray [near, far] as [...,1] tensors: the global range clipped to the bounding sphere.
@@ -126,7 +135,7 @@ class VolumeRenderer(nn.Module):
 
         chunk = rays if self.chunk_rays is None else max(1, self.chunk_rays // b)
         parts = [self._render_rays(field, origins[:, s:s + chunk], directions[:, s:s + chunk],
-                                   with_gradient, compute_normals, generator)
+                                   with_gradient, compute_normals, generator, skip="eikonal" not in names)
                  for s in range(0, rays, chunk)]
 
         def image(key: str) -> Tensor:  # [B,R,C] or [B,R] chunks -> [N,C,H,W]
@@ -161,8 +170,10 @@ class VolumeRenderer(nn.Module):
                              f"{field.kind!r}; set the renderer's density to {expected!r}")
 
     def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor, far: Tensor,
-                  generator: torch.Generator | None) -> Tensor:
-        """Importance samples [B,R,num_importance] from the stratified proposal ``t``.
+                  generator: torch.Generator | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Importance samples [B,R,num_importance] from the stratified proposal ``t``, and the
+        proposal's (optical depth, transmittance, density [B,R,S], albedo [B,R,S,3]) for
+        :meth:`_occupied` and the stand-ins of skipped samples.
 
         Gradient-free: sample positions are not differentiated, and skipping the graph here
         halves the activation memory of a training step.
@@ -170,34 +181,87 @@ class VolumeRenderer(nn.Module):
         b, r, s = t.shape
         with torch.no_grad():
             points = origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]
-            geometry, _ = field.query(points.reshape(b, r * s, 3))
-            weights, _ = composite_weights(self.sigma(geometry.to(t.dtype).reshape(b, r, s)), t, far)
+            geometry, albedo = field.query(points.reshape(b, r * s, 3))
+            sigma = self.sigma(geometry.to(t.dtype).reshape(b, r, s))
+            weights, transmittance = composite_weights(sigma, t, far)
             bins = torch.cat([t, far.expand_as(t[..., :1])], dim=-1)
-            return sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
-                              generator=generator)
+            t_fine = sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
+                                generator=generator)
+            proposal = (sigma * sample_deltas(t, far), transmittance, sigma, albedo.to(t.dtype).reshape(b, r, s, 3))
+            return t_fine, proposal
+
+    def _occupied(self, t_coarse: Tensor, tau: Tensor, transmittance: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Which samples ``t`` [B,R,S'] the expensive (gradient) pass must query: [B,R,S'] bool,
+        and each sample's proposal interval j [B,R,S'].
+
+        From the proposal pass, i.e. a coarse occupancy estimate of each generated field at
+        this step (no per-prompt grid to store): a sample in proposal interval j is kept when
+        the largest proposal optical depth among intervals j-1..j+1 exceeds
+        ``skip_tau_threshold`` (empty space is dropped; the dilation keeps a surface that falls
+        between two proposal samples) and the proposal transmittance at the start of interval
+        j-1 is above ``skip_transmittance`` (early ray termination, one interval of margin).
+        A dropped sample is composited with the proposal's density and albedo (no gradient) at
+        the start of its interval; that is exact for the stratified samples (they ARE the
+        proposal's samples), so only the gradient of the dropped samples is missing.
+        """
+        s = t_coarse.shape[-1]
+        j = (torch.searchsorted(t_coarse.contiguous(), t.contiguous(), right=True) - 1).clamp(0, s - 1)
+        padded = torch.nn.functional.pad(tau, (1, 1))
+        dilated = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
+        alive = torch.cat([transmittance[..., :1], transmittance[..., :-1]], dim=-1)  # T at j-1
+        keep = (dilated > self.skip_tau_threshold) & (alive > self.skip_transmittance)
+        return torch.gather(keep, -1, j), j
 
     def _render_rays(self, field: Field, origins: Tensor, directions: Tensor, with_gradient: bool,
-                     compute_normals: bool, generator: torch.Generator | None) -> _RayResults:
+                     compute_normals: bool, generator: torch.Generator | None,
+                     skip: bool = True) -> _RayResults:
         b, r, _ = origins.shape
         near, far = self.ray_bounds(origins, directions)
         t = stratified_samples((b, r), self.num_samples, near, far, jitter=self.training,
                                generator=generator, device=origins.device, dtype=origins.dtype)
+        keep = None
         if self.num_importance > 0:
-            t_fine = self._proposal(field, origins, directions, t, far, generator)
-            t = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
+            t_fine, (tau, transmittance, sigma_c, albedo_c) = self._proposal(field, origins, directions, t, far,
+                                                                             generator)
+            t_sorted = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
+            # The eikonal term is a mean over all samples, empty space included: no skipping then.
+            if self.skip_empty_space and skip:
+                keep, j = self._occupied(t, tau, transmittance, t_sorted)
+                fill_sigma = sigma_c.gather(-1, j)                                      # [B,R,S']
+                fill_albedo = albedo_c.gather(2, j[..., None].expand(-1, -1, -1, 3))  # [B,R,S',3]
+            t = t_sorted
         s = t.shape[-1]
         points = (origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]).reshape(b, r * s, 3)
+        order = valid = None
+        if keep is not None:
+            flat_keep = keep.reshape(b, r * s)
+            k = int(flat_keep.sum(dim=1).max())
+            if k < r * s:  # pack each field's kept samples first (stable), pad to the largest count
+                order = torch.argsort((~flat_keep).to(torch.int8), dim=1, stable=True)[:, :k]
+                valid = flat_keep.gather(1, order)
+                points = points.gather(1, order[..., None].expand(-1, -1, 3))
+        m = points.shape[1]
         if with_gradient:
             stencil = central_difference_points(points, self.normal_eps)
             geometry, albedo = field.query(torch.cat([points, stencil], dim=1))
-            gradient = central_difference_gradient(geometry[:, r * s:], self.normal_eps)  # [B,RS,3]
-            geometry, albedo = geometry[:, :r * s], albedo[:, :r * s]
+            gradient = central_difference_gradient(geometry[:, m:], self.normal_eps)  # [B,M,3]
+            geometry, albedo = geometry[:, :m], albedo[:, :m]
         else:
             geometry, albedo = field.query(points)
         # Composite in the rays' dtype (fp32) even when the field ran under autocast:
         # cumulative optical depth in fp16/bf16 loses the transmittance of long rays.
         geometry, albedo = geometry.to(t.dtype), albedo.to(t.dtype)
-        weights, _ = composite_weights(self.sigma(geometry.reshape(b, r, s)), t, far)  # [B,R,S]
+        sigma = self.sigma(geometry)
+        if order is not None:  # dropped samples: the proposal's values (constants)
+            fill_sigma, fill_albedo = fill_sigma.reshape(b, r * s), fill_albedo.reshape(b, r * s, 3)
+            order3 = order[..., None].expand(-1, -1, 3)
+            sigma = fill_sigma.scatter(1, order, torch.where(valid, sigma, fill_sigma.gather(1, order)))
+            albedo = fill_albedo.scatter(1, order3, torch.where(valid[..., None], albedo, fill_albedo.gather(1, order3)))
+            if compute_normals:
+                mask = valid.to(t.dtype)
+                gradient = gradient.new_zeros(b, r * s, 3).scatter(1, order[..., None].expand(-1, -1, 3),
+                                                                   gradient * mask[..., None])
+        weights, _ = composite_weights(sigma.reshape(b, r, s), t, far)  # [B,R,S]
 
         color = (weights[..., None] * albedo.reshape(b, r, s, 3)).sum(dim=2)
         normal = eikonal_sum = None
