@@ -210,6 +210,8 @@ def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens:
             rows.append({"benchmark": "embedding cache size", "variant": f"{kind} fp16, E={embedding_dim}",
                          "prompts": num_prompts, "bytes_per_prompt": size / num_prompts,
                          "build_seconds": seconds})
+    return rows
+
 
 def peak_allocated_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes of live tensors during ``fn()`` above those live before it (CPU or CUDA).

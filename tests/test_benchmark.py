@@ -25,3 +25,11 @@ def test_training_step_benchmark_is_relative_to_sds(cache_dir):
     rows = bench_training_steps(["sds", "l2vsd"], TINY_BENCH, rounds=1, cache_dir=str(cache_dir))
     rel = {r["variant"]: r["relative_to_sds"] for r in rows}
     assert rel["sds"] == 1.0 and rel["l2vsd"] > 0
+
+
+def test_cache_size_benchmark_returns_its_rows():
+    from amortized3d.benchmark import bench_cache_size
+
+    rows = bench_cache_size(num_prompts=8, embedding_dim=32, tokens=False)
+    assert [r["variant"] for r in rows] == ["pooled fp16, E=32"]
+    assert rows[0]["bytes_per_prompt"] >= 2 * 32  # fp16 pooled embedding per prompt
