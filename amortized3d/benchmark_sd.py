@@ -61,9 +61,9 @@ SD21_TEXT = dict(  # OpenCLIP ViT-H/14's text tower as SD-2 uses it (penultimate
     vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
     max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
     bos_token_id=0, eos_token_id=2, pad_token_id=1)
-SD21_SCHEDULER = dict(
+SD21_SCHEDULER = dict(  # the repo's scheduler/ is a PNDMScheduler; the prior reads its betas and prediction type
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon")
 CLIP_VOCAB_SIZE = 49408
 PARTS = ("render", "hash_grid", "vae_fwd", "vae_bwd", "render_bwd", "unet", "lora_fwd", "lora_bwd", "lora_jvp")
 
@@ -117,7 +117,7 @@ def write_sd21_base(directory: str | Path, seed: int = 0) -> dict:
     """Write SD-2.1-base's architecture with random weights (diffusers layout) to ``directory``.
 
     Returns a summary: parameter counts per component and the tokenizer kind."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = Path(directory)
@@ -131,7 +131,7 @@ def write_sd21_base(directory: str | Path, seed: int = 0) -> dict:
         summary[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(root / name)
         del model
-    DDPMScheduler(**SD21_SCHEDULER).save_pretrained(root / "scheduler")
+    PNDMScheduler(**SD21_SCHEDULER).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                        "random_weights": True, **summary}, indent=1))
     return summary
