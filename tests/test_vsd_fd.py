@@ -77,3 +77,11 @@ def test_jvp_method_is_validated():
     assert JVP_METHODS == ("finite_difference", "exact")
     with pytest.raises(ValueError, match="jvp"):
         linearized_shift(None, {}, None, None, None, None, method="central")  # type: ignore[arg-type]
+
+
+def test_shipped_l2vsd_config_selects_the_finite_difference(tmp_path, cache_dir):
+    from conftest import compose
+
+    for overrides, expected in (([], "finite_difference"), (["guidance.jvp=exact"], "exact")):
+        cfg = compose(tmp_path, cache_dir, "guidance=l2vsd", *overrides)
+        assert cfg.guidance.jvp == expected and cfg.guidance.fd_relative_step is None
