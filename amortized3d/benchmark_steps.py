@@ -15,12 +15,19 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self._t0 = 0.0
+        # Called (no arguments) at each batch's start and end, e.g. to attribute a step's parts.
+        self.on_start: list[Callable[[], None]] = []
+        self.on_end: list[Callable[[], None]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for fn in self.on_start:
+            fn()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds.append(time.perf_counter() - self._t0)
+        for fn in self.on_end:
+            fn()
 
 
 def make_step_runner(system, cfg, steps_per_call: int = 2) -> Callable[[], None]:
@@ -44,4 +51,5 @@ def make_step_runner(system, cfg, steps_per_call: int = 2) -> Callable[[], None]
         measured.extend(timer.seconds[1:])
 
     run.measured = measured  # type: ignore[attr-defined]
+    run.timer = timer  # type: ignore[attr-defined]
     return run

@@ -65,6 +65,7 @@ class AmortizedSystem(L.LightningModule):
         self.resume_record: dict | None = None  # set by train(): what a resume changed (applied, recorded)
         self._resume_history: list[dict] = []
         self.auxiliary_optimizer: torch.optim.Optimizer | None = None
+        self._render_memo: dict = {}  # this step's GuidanceInput.memo (one VAE encode per step)
         self.save_hyperparameters({"config": config or {}})
         self.val_images: list[Tensor] = []
 
@@ -153,7 +154,7 @@ class AmortizedSystem(L.LightningModule):
         return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
                              step=self.batch_index, text_emb=text_emb, extras=extras,
                              generator=step_generator(self.seed, self.batch_index, self.global_rank, stream),
-                             auxiliary_gradients=auxiliary_gradients)
+                             auxiliary_gradients=auxiliary_gradients, memo=self._render_memo)
 
     def _auxiliary_backward(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
                             weights: Tensor, index: int) -> dict:
@@ -332,6 +333,7 @@ class AmortizedSystem(L.LightningModule):
                             compute_normals=self.guidance.needs_normals,
                             generator=step_generator(self.seed, self.batch_index, self.global_rank, "render"))
         text_emb = text_emb.repeat_interleave(V, dim=0)
+        self._render_memo = {"rgb": out.rgb}  # every guidance input of this step shares one encode
         logs: dict[str, Tensor] = {}
         if order == "before":  # L-VSD: the score model looks ahead at the current renders first
             logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights))
@@ -365,6 +367,7 @@ class AmortizedSystem(L.LightningModule):
         if order == "after":  # ProlificDreamer: score model trained on the renders of the updated step
             logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights, early_aux_logs))
         self.batch_index += 1
+        self._render_memo = {}  # release the step's renders and latents
         logs.update({f"guidance/{k}": v for k, v in g_out.logs.items()})
         logs["train/loss"] = loss.detach()
         logs["train/nonfinite_steps"] = torch.tensor(float(self.nonfinite_steps))

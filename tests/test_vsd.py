@@ -79,7 +79,8 @@ def test_delta_eps_first_is_the_directional_derivative(kind):
 
 @pytest.mark.parametrize("kind", ["gaussian", "unet"])
 def test_delta_eps_first_is_the_first_order_part_of_one_lookahead_sgd_step(kind):
-    """eps_{phi_1}(x_t) - eps_phi(x_t) - d_eps = O(eta^2), phi_1 = one SGD step of size eta (Eq. 7-9)."""
+    """eps_{phi_1}(x_t) - eps_phi(x_t) - d_eps = O(eta^2), phi_1 = one SGD step of size eta on the
+    item SUM of the per-render losses (Eq. 7-9, summed over the renders)."""
     prior, model, x0, x_t, t, cond, cam = setup(kind)
     guidance = L2VSDGuidance(prior, model)
     residuals, firsts = [], []
@@ -89,7 +90,7 @@ def test_delta_eps_first_is_the_first_order_part_of_one_lookahead_sgd_step(kind)
         eps0, delta = linearized_shift(model, tangent, x_t, t, cond, cam)
         stepped = copy.deepcopy(model)  # L-VSD's lookahead: one plain SGD step on the same (t', eps') draw
         opt = torch.optim.SGD(stepped.trainable_parameters().values(), lr=eta)
-        stepped.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()
+        stepped.loss(x0, cond, cam, torch.Generator().manual_seed(7)).sum().backward()
         opt.step()
         with torch.no_grad():
             residuals.append((stepped.predict_noise(x_t, t, cond, cam) - eps0 - delta).norm().item())
@@ -277,7 +278,101 @@ def test_lookahead_tangent_from_a_given_gradient_equals_the_standalone_lookahead
     prior, model, x0, x_t, t, cond, cam = setup("unet")
     guidance = L2VSDGuidance(prior, model, eta=0.05)
     standalone = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
-    model.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()
-    handed = guidance.tangent_from_gradient(guidance.auxiliary_gradients())
+    model.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()  # the system's item mean
+    handed = guidance.tangent_from_gradient(guidance.auxiliary_gradients(), num_items=x0.shape[0])
     for n in standalone:
         torch.testing.assert_close(handed[n], standalone[n])
+
+
+# --- L²-VSD: the size of each render's correction (issue 13 item 2) --------------------------------
+
+def _jacobian(model: ScoreModel, x_t, t) -> torch.Tensor:
+    """J_phi(x_t) [N*D, P]: d eps_phi / d phi over all trainable parameters (flattened)."""
+    params = model.trainable_parameters()
+    names = list(params)
+
+    def eps(*flat):
+        return functional_call(model, dict(zip(names, flat)), (x_t, t, None, None)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(eps, tuple(p.detach() for p in params.values()))
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+def test_l2vsd_single_render_is_eq_12_on_the_closed_form_gaussian():
+    """N = 1, r = the closed-form Gaussian score model: eps_hat = eps_phi(x_t) + 2 eta_p (eps_phi(x_t', t')
+    - eps') [J_phi(x_t', t') J_phi^T(x_t, t)] (Eq. 12, jacobians by reverse mode), with eta_p = eta / D:
+    the per-item loss is the element mean (threestudio's reduction), so 2 eta_p Delta = eta grad l."""
+    prior, model, x0, *_ = setup("gaussian", n=1)
+    eta = 0.3
+    guidance = L2VSDGuidance(prior, model, eta=eta, guidance_scale=1.0)  # jvp: exact (the class default)
+    x = x0.clone().requires_grad_(True)
+    guidance(make_input(x, 1, seed=5)).losses["l2vsd"].sum().backward()
+    # Replay the step's draws: (t, eps) of the distillation, then (t', eps') of the lookahead.
+    inp = make_input(x0, 1, seed=5)
+    t, _, x_t = guidance.sample_noisy(x0, inp)
+    t2 = torch.randint(0, 1000, (1,), generator=inp.generator)
+    noise2 = torch.randn(x0.shape, generator=inp.generator, dtype=x0.dtype)
+    x_t2 = prior.schedule.add_noise(x0, noise2, t2)
+    with torch.no_grad():
+        residual = model.predict_noise(x_t2, t2) - noise2  # eps_phi(x_t') - eps'  [1, D]
+        eq12 = 2 * (eta / D) * residual.reshape(1, -1) @ _jacobian(model, x_t2, t2) @ _jacobian(model, x_t, t).T
+        eps_hat = model.predict_noise(x_t, t) - eq12.reshape(x_t.shape)  # Eq. 9: eps_phi + d_eps_first
+        eps_prior = prior.predict_noise(x_t, t, prior.text_condition(["p"]), 1.0)
+    assert eq12.abs().max() > 1e-4
+    torch.testing.assert_close(x.grad, guidance.weight(t).double()[:, None] * (eps_prior - eps_hat))
+
+
+@pytest.mark.parametrize("jvp", ["exact", "finite_difference"])
+def test_l2vsd_amortized_batch_gives_each_render_its_full_correction_plus_cross_terms(jvp):
+    """N renders, the system's protocol (it hands over the gradient of the item MEAN): render n's
+    correction is J(x_t^n) (-eta sum_m grad l_m) = its own Eq. 7-9 correction (the one it gets as the
+    only render) + the cross terms from the other renders. Under the old item-mean lookahead each
+    render got 1/N of that."""
+    prior, model, x0, x_t, t, cond, cam = setup("unet", n=3)
+    n, eta = 3, 0.05
+    guidance = L2VSDGuidance(prior, model, eta=eta, **({"jvp": jvp} if jvp != "exact" else {}))
+    per_item = model.loss(x0, cond, cam, torch.Generator().manual_seed(7))  # one draw of (t', eps', dropout)
+    params = model.trainable_parameters()
+    grads = [torch.autograd.grad(per_item[m], list(params.values()), retain_graph=True) for m in range(n)]
+    grads = [dict(zip(params, g)) for g in grads]
+    mean_grad = {k: sum(g[k] for g in grads) / n for k in params}  # what the system hands over
+    inp = make_input(x0, n)
+    inp.auxiliary_gradients = mean_grad
+    _, delta = guidance.score_estimate(x_t, t, x0, cond, cam, inp)
+
+    def shift(tangent):
+        return linearized_shift(model, tangent, x_t, t, cond, cam)[1]  # exact jvp
+
+    terms = [shift({k: -eta * g[k] for k in params}) for g in grads]  # [m][n]: render m's lookahead at every x_t^n
+    if jvp == "exact":
+        torch.testing.assert_close(delta, sum(terms), rtol=1e-6, atol=1e-9)
+    else:  # first order in the step; this UNet's time embedding is float32, hence not 1e-5
+        assert (delta - sum(terms)).norm() < 3e-3 * sum(terms).norm()
+    for k in range(n):
+        own = terms[k][k]
+        # Alone (N = 1, the same draw): exactly the own term.
+        alone = guidance.tangent_from_gradient(grads[k])  # the gradient of a one-render sum
+        torch.testing.assert_close(shift(alone)[k], own)
+        assert own.norm() > 1e-6
+    # The cross terms are there (3 different renders): the correction is not the own term alone.
+    own_only = torch.stack([terms[k][k] for k in range(n)])
+    assert (delta - own_only).norm() > 1e-3 * own_only.norm()
+
+
+def test_l2vsd_standalone_lookahead_is_on_the_item_sum():
+    """Standalone (the 2D toy's path) and the system's hand-over give the same tangent: -eta grad sum_n l_n."""
+    prior, model, x0, x_t, t, cond, cam = setup("unet", n=3)
+    guidance = L2VSDGuidance(prior, model, eta=0.05)
+    standalone = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
+    loss_sum = model.loss(x0, cond, cam, torch.Generator().manual_seed(7)).sum()
+    grads = torch.autograd.grad(loss_sum, list(model.trainable_parameters().values()))
+    for (name, g) in zip(model.trainable_parameters(), grads):
+        torch.testing.assert_close(standalone[name], -0.05 * g)
+
+
+def test_l2vsd_jvp_option_is_validated_and_shipped():
+    prior, model, *_ = setup("gaussian")
+    with pytest.raises(ValueError, match="jvp"):
+        L2VSDGuidance(prior, model, jvp="central")
+    with pytest.raises(ValueError, match="fd_relative_step"):
+        L2VSDGuidance(prior, model, fd_relative_step=0.0)

@@ -31,7 +31,14 @@ class GuidanceInput:
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. normals for SDI's convexity loss
     # This step's gradient of the auxiliary loss w.r.t. the auxiliary model's parameters (by name),
     # when the system computed it before the generator step (``Guidance.wants_auxiliary_gradient``).
+    # It is the gradient of the system's reduction: the MEAN over the N renders of the weighted
+    # per-item losses (``AmortizedSystem._reduce``), i.e. of sum_n w_n l_n / N.
     auxiliary_gradients: Mapping[str, Tensor] | None = None
+    # Shared by every input the system builds from one step's renders (the guidance, its auxiliary
+    # and its detached inputs): ``Guidance.encode`` keeps the encoded renders here, so the VAE runs
+    # once per step however many times and in whatever order the step asks for x0. ``"rgb"``: the
+    # renders *with* their graph (what the detached inputs were detached from). Empty: no sharing.
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +142,24 @@ class Guidance(nn.Module):
         t = self.timesteps.sample(x0.shape[0], inp.step, inp.generator, x0.device)
         noise = torch.randn(x0.shape, generator=inp.generator, dtype=x0.dtype).to(x0.device)
         return t, noise, self.prior.schedule.add_noise(x0, noise, t)
+
+    def encode(self, inp: GuidanceInput) -> Tensor:
+        """``prior.encode`` of the renders, computed once per ``inp.memo`` (once per training step).
+
+        The first caller encodes the renders that carry the graph (``memo["rgb"]``, else
+        ``inp.rgb``) with gradients; every caller gets that same x0, detached when its own
+        ``inp.rgb`` does not require grad (the score model's inputs). So the VSD family's score
+        loss, run before the generator's forward (L-VSD, L²-VSD) or after it (VSD), and the
+        distillation loss share one VAE pass, and the values are those of separate encodes.
+        """
+        key = ("x0", id(self.prior))
+        x0 = inp.memo.get(key)
+        if x0 is None:
+            source = inp.memo.get("rgb", inp.rgb)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and source.requires_grad):
+                x0 = self.prior.encode(source)
+            inp.memo[key] = x0
+        return x0 if inp.rgb.requires_grad else x0.detach()
 
     def weight(self, t: Tensor) -> Tensor:
         return timestep_weight(self.weighting, self.prior.alphas_cumprod, t)

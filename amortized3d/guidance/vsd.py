@@ -10,9 +10,10 @@ They differ only in eps_hat and in *when* phi is updated relative to theta:
 - VSD:    eps_hat = eps_phi_i;        phi updated after theta (ProlificDreamer Alg. 1) or jointly
           in the same backward (threestudio).
 - L-VSD:  eps_hat = eps_phi_{i+1};    phi updated gamma times *before* theta (§3.2, Eq. 7-8).
-- L²-VSD: eps_hat = eps_phi_i + d_eps, d_eps = J_phi(x_t) . (-eta grad_phi L_phi(x_t', t')), the
-          first-order part of L-VSD's lookahead (Eq. 9-12), one forward-mode product; phi is
-          then updated as in VSD. Optionally only the output layer enters (§5.4.2).
+- L²-VSD: eps_hat = eps_phi_i + d_eps, d_eps = J_phi(x_t) . (-eta grad_phi sum_n L_phi(x_t'^n, t'^n)),
+          the first-order part of L-VSD's lookahead (Eq. 9-12), one forward-mode product (or a
+          directional finite difference: one extra forward); phi is then updated as in VSD.
+          Optionally only the output layer enters (§5.4.2).
 
 The score model lives in the prior's x0 space and is conditioned on the text embedding and the
 camera (c2w, 16 numbers); it is queried with CFG 1, i.e. conditional only (ProlificDreamer).
@@ -42,25 +43,70 @@ def _norm(x: Tensor) -> Tensor:
     return x.detach().flatten(1).norm(dim=1).mean()
 
 
-def linearized_shift(model: ScoreModel, tangent: Mapping[str, Tensor], x_t: Tensor, t: Tensor,
-                     cond: Tensor | None, camera: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(eps_phi(x_t), J_phi(x_t) . tangent): one ``torch.func.jvp`` through the score model.
+JVP_METHODS = ("finite_difference", "exact")
+# ||h v|| / ||phi|| of the finite difference's parameter step (see ``finite_difference_step``), by
+# the dtype the score model's frozen network computes in: a low-precision network rounds every
+# activation to 8 (bf16) or 11 (fp16) bits, so the step must move the output well above that.
+FD_RELATIVE_STEP = {torch.float32: 1e-3, torch.float64: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
-    Only the parameters named in ``tangent`` are differentiated (the others are held fixed), so a
-    tangent restricted to the last layer costs a forward-mode product through that layer only.
-    """
+
+def _tangent_primals(model: ScoreModel, tangent: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     params = model.trainable_parameters()
     unknown = sorted(set(tangent) - set(params))
     if unknown:
         raise KeyError(f"tangent names {unknown} are not trainable parameters of {type(model).__name__}")
     primals = {n: params[n].detach() for n in tangent}
-    tangents = {n: tangent[n].detach().to(primals[n]) for n in tangent}
+    return primals, {n: tangent[n].detach().to(primals[n]) for n in tangent}
 
-    def eps(p: dict[str, Tensor]) -> Tensor:
+
+def finite_difference_step(primals: Mapping[str, Tensor], tangents: Mapping[str, Tensor],
+                           relative_step: float) -> float:
+    """h with ||h v|| = relative_step * max(||phi||, 1) over the parameters in the tangent.
+
+    Relative to the parameters, so the step is the same fraction of phi whatever eta, N or the
+    loss scale make ||v||; 0 when the tangent is 0 (then the shift is exactly 0).
+    """
+    v = torch.sqrt(sum(t.double().pow(2).sum() for t in tangents.values()))
+    if float(v) == 0.0:
+        return 0.0
+    p = torch.sqrt(sum(t.double().pow(2).sum() for t in primals.values()))
+    return relative_step * max(float(p), 1.0) / float(v)
+
+
+def linearized_shift(model: ScoreModel, tangent: Mapping[str, Tensor], x_t: Tensor, t: Tensor,
+                     cond: Tensor | None, camera: Tensor | None, method: str = "exact",
+                     relative_step: float | None = None, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(eps_phi(x_t), J_phi(x_t) . tangent): the directional derivative of the score model along
+    ``tangent`` (L²-VSD Eq. 9, d_eps_first = (phi_{i+1} - phi_i) J_phi^T(x_t, t, c, y)).
+
+    ``exact``: one ``torch.func.jvp`` (forward-mode; needs plain attention, see ``forward_ad``).
+    ``finite_difference``: (eps_{phi + h v}(x_t) - eps_phi(x_t)) / h, one extra no-grad forward
+    at fp32 LoRA parameters (``eps`` = eps_phi(x_t) when the caller has it already, else one more
+    forward); h from ``finite_difference_step`` with ``relative_step`` (default by the network's
+    dtype, ``FD_RELATIVE_STEP``). Error O(h ||v||^2) plus rounding, bounded against ``exact`` in
+    tests/test_vsd_fd.py. Only the parameters named in ``tangent`` move (the others are held
+    fixed), so a tangent restricted to the last layer is a product through that layer only.
+    """
+    if method not in JVP_METHODS:
+        raise ValueError(f"jvp method must be one of {JVP_METHODS}, got {method!r}")
+    primals, tangents = _tangent_primals(model, tangent)
+
+    def eps_at(p: dict[str, Tensor]) -> Tensor:
         return functional_call(model, p, (x_t, t, cond, camera), strict=False)
 
-    with torch.no_grad(), model.forward_ad():  # no reverse-mode graph: forward-mode only
-        return jvp(eps, (primals,), (tangents,))
+    if method == "exact":
+        with torch.no_grad(), model.forward_ad():  # no reverse-mode graph: forward-mode only
+            return jvp(eps_at, (primals,), (tangents,))
+    with torch.no_grad():
+        if eps is None:
+            eps = eps_at(primals)
+        if relative_step is None:
+            relative_step = FD_RELATIVE_STEP.get(getattr(model, "base_dtype", x_t.dtype), 1e-3)
+        h = finite_difference_step(primals, tangents, relative_step)
+        if h == 0.0:
+            return eps, torch.zeros_like(eps)
+        moved = eps_at({n: primals[n] + h * tangents[n] for n in primals})
+        return eps, (moved.to(torch.float32) - eps.to(torch.float32)).div_(h).to(eps.dtype)
 
 
 class VSDGuidance(Guidance):
@@ -113,8 +159,7 @@ class VSDGuidance(Guidance):
 
     def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Denoising loss of the score model on the detached renders (Eq. 6), t ~ U[0, T)."""
-        with torch.no_grad():
-            x0 = self.prior.encode(inp.rgb.detach())
+        x0 = self.encode(inp).detach()  # shared with forward: one VAE pass per step
         cond, camera = self.score_condition(inp, x0)
         loss = self.score_model.loss(x0, cond, camera, inp.generator)
         return GuidanceOutput({"score": loss}, {})
@@ -133,7 +178,7 @@ class VSDGuidance(Guidance):
             return self.score_model.predict_noise(x_t, t, cond, camera), None
 
     def forward(self, inp: GuidanceInput) -> GuidanceOutput:
-        x0 = self.prior.encode(inp.rgb)
+        x0 = self.encode(inp)
         t, _, x_t = self.sample_noisy(x0.detach(), inp)
         cond, camera = self.score_condition(inp, x0)
         with torch.no_grad():
@@ -158,39 +203,70 @@ class LVSDGuidance(VSDGuidance):
 
 
 class L2VSDGuidance(VSDGuidance):
-    """Linearized Lookahead VSD (§4.2, Eq. 11-12): eps_phi + J_phi(x_t) . (-eta grad_phi L_phi(x_t', t'))."""
+    """Linearized Lookahead VSD (§4.2, Eq. 10-12): eps_phi + J_phi(x_t) . (-eta grad_phi L_phi(x_t', t')).
+
+    The paper, per prompt (one render, Eq. 7 and 9):
+
+        phi_{i+1} = phi_i - 2 eta Delta_{phi_i},  Delta_{phi_i} := (eps_phi_i(x_t', t', c, y) - eps') J_phi_i(x_t', t', c, y)
+        d_eps_first = -2 eta Delta_{phi_i} J_phi_i^T(x_t, t, c, y)
+
+    where Delta is "exactly the gradient to update the LoRA model" (§4.2). Here that gradient is
+    the one of the score model's per-item denoising loss l = mean over elements of
+    (model output - target)^2 (ProlificDreamer / threestudio: ``mse_loss(reduction="mean")``),
+    so the lookahead step is v = -eta grad_phi l: Eq. 7 with the paper's 2 eta Delta written
+    as eta grad l (the 2 and the 1/D of the element mean are inside eta, whose range 1e-3..1,
+    §5.4.1, is for that loss). With one render (N = 1) eps_hat is Eq. 9-12 exactly.
+
+    An amortized batch of N renders (B prompts x V views) takes the lookahead on the item SUM:
+    v = -eta grad_phi sum_n w_n l_n, the step an SGD update of the score model on the SUM of the
+    per-render losses would take. Render n's correction is then J_phi(x_t^n) v = its own full
+    Eq. 7-9 correction (-eta J(x_t^n) grad l_n, what it gets when alone) plus the cross terms
+    -eta J(x_t^n) grad l_m, m != n (the other renders' lookahead seen through render n's
+    Jacobian; for one prompt's V views these are that prompt's own other views). A mean over N
+    would shrink each render's own term to 1/N of Eq. 7. The system hands over the gradient of
+    its item-MEAN (``GuidanceInput.auxiliary_gradients``), which is reused, not recomputed, and
+    scaled by N here.
+    """
 
     loss_name = "l2vsd"
     wants_auxiliary_gradient = True
 
     def __init__(self, prior: Prior, score_model: ScoreModel, eta: float = 1e-2, last_layer_only: bool = False,
-                 **kwargs: Any):
+                 jvp: str = "exact", fd_relative_step: float | None = None, **kwargs: Any):
         super().__init__(prior, score_model, **kwargs)
         if eta <= 0:
             raise ValueError(f"eta must be positive, got {eta}")
+        if jvp not in JVP_METHODS:
+            raise ValueError(f"jvp must be one of {JVP_METHODS}, got {jvp!r}")
+        if fd_relative_step is not None and not fd_relative_step > 0:
+            raise ValueError(f"fd_relative_step must be positive, got {fd_relative_step}")
         self.eta = float(eta)
         self.last_layer_only = bool(last_layer_only)
+        self.jvp = jvp
+        self.fd_relative_step = None if fd_relative_step is None else float(fd_relative_step)
 
     def lookahead_tangent(self, x0: Tensor, cond: Tensor | None, camera: Tensor | None,
                           generator: torch.Generator | None) -> dict[str, Tensor]:
-        """-eta * grad_phi of the score model's batch-mean loss at a fresh (t', eps') draw.
-
-        This is exactly one plain SGD step of size eta (Eq. 7; our loss is a mean, so the paper's
-        factor 2 is inside eta). ``torch.autograd.grad`` leaves ``.grad`` untouched. Used when the
-        system has not already computed this step's score gradient (standalone use, the 2D toy).
-        """
+        """v = -eta * grad_phi sum_n l_n(phi; x_t'^n, t'^n) at a fresh (t', eps') draw (Eq. 7, summed
+        over the renders, see the class docstring). ``torch.autograd.grad`` leaves ``.grad``
+        untouched. Used when the system has not already computed this step's score gradient
+        (standalone use, the 2D toy)."""
         params = self.score_model.trainable_parameters()
         names = self._tangent_names()
         with torch.enable_grad():
-            loss = self.score_model.loss(x0.detach(), cond, camera, generator).mean()
+            loss = self.score_model.loss(x0.detach(), cond, camera, generator).sum()
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         return self.tangent_from_gradient({n: g for n, g in zip(names, grads) if g is not None})
 
-    def tangent_from_gradient(self, gradients: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """-eta * gradient on the parameters entering the jvp (only the output layer with
-        ``last_layer_only``; a parameter without gradient gets a zero tangent)."""
+    def tangent_from_gradient(self, gradients: Mapping[str, Tensor], num_items: int = 1) -> dict[str, Tensor]:
+        """-eta * num_items * gradient on the parameters entering the jvp (only the output layer
+        with ``last_layer_only``; a parameter without gradient gets a zero tangent).
+
+        ``num_items``: N when ``gradients`` is of the item-mean loss (the system's), which turns
+        it into the gradient of the item sum; 1 when it already is of the sum."""
         params = self.score_model.trainable_parameters()
-        return {n: (-self.eta * gradients[n].detach() if n in gradients else torch.zeros_like(params[n]))
+        scale = -self.eta * float(num_items)
+        return {n: (scale * gradients[n].detach() if n in gradients else torch.zeros_like(params[n]))
                 for n in self._tangent_names()}
 
     def _tangent_names(self) -> list[str]:
@@ -199,10 +275,12 @@ class L2VSDGuidance(VSDGuidance):
 
     def score_estimate(self, x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor | None, camera: Tensor,
                        inp: GuidanceInput) -> tuple[Tensor, Tensor | None]:
-        # In training the system hands over this step's score gradient (it is reused for the
-        # score step after theta, so the lookahead costs one jvp and no extra backward pass).
+        # In training the system hands over this step's score gradient of the item mean (it is
+        # reused for the score step after theta, so the lookahead costs no extra backward pass).
         if inp.auxiliary_gradients is not None:
-            tangent = self.tangent_from_gradient(inp.auxiliary_gradients)
+            tangent = self.tangent_from_gradient(inp.auxiliary_gradients, num_items=x0.shape[0])
         else:
             tangent = self.lookahead_tangent(x0, cond, camera, inp.generator)
-        return linearized_shift(self.score_model, tangent, x_t, t, cond, camera)
+        # Both methods return eps_phi(x_t) too: the finite difference costs one forward more than VSD.
+        return linearized_shift(self.score_model, tangent, x_t, t, cond, camera, method=self.jvp,
+                                relative_step=self.fd_relative_step)

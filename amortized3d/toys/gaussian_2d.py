@@ -35,7 +35,9 @@ class ToyConfig:
     """Defaults: a *slow* score model (Adam lr 5x below q's), as a LoRA at lr 1e-4 is slow next to
     a NeRF at 1e-2 (ProlificDreamer App. F). That is where VSD's r characterises an earlier q (§3.2):
     r lags, and the lag pushes q past p. L²-VSD's eta is a plain-gradient step, independent of r's
-    optimizer (§4.2; the paper's eta in 1e-3..1 is far larger than its LoRA lr 1e-4)."""
+    optimizer (§4.2; the paper's eta in 1e-3..1 is far larger than its LoRA lr 1e-4). The toy runs
+    L²-VSD through the guidance's standalone lookahead (``L2VSDGuidance.lookahead_tangent``, the
+    item sum), not the system's gradient hand-over."""
 
     steps: int = 200
     num_particles: int = 16  # "renders" per step (App. A Fig. 11 uses 4; 16 keeps r's gradient usable)
@@ -45,7 +47,10 @@ class ToyConfig:
     score_lr: float = 1e-2
     score_betas: tuple[float, float] = (0.9, 0.999)  # when score_optimizer is adam
     score_steps: int = 1  # gamma, the same for every method
-    eta: float = 2.0  # L²-VSD lookahead step (0.5 .. 5 all beat VSD at these settings over 8 seeds)
+    # L²-VSD lookahead step on the SUM of the particles' losses (Eq. 7 per particle plus the cross
+    # terms, see L2VSDGuidance). 0.125 = the 2.0 formerly applied to their mean over 16 particles:
+    # the same trajectories; 0.03 .. 0.3 (then: 0.5 .. 5 on the mean) all beat VSD over 8 seeds.
+    eta: float = 0.125
     t_min: float = 0.02  # guidance t range (DreamFusion / ProlificDreamer); r trains on U[0, T)
     t_max: float = 0.98
     score_init: str = "prior"  # r starts as p (a LoRA starts as the pretrained model) or "standard": N(0, I)
