@@ -6,17 +6,17 @@ candidate embeddings are seeded Gaussians (D=512, ViT-B-16's width), the corpus 
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable, Sequence
 
 import torch
 
+from amortized3d.benchmark import time_interleaved
 from amortized3d.data import ShardLayout, derive_seed, epoch_permutation
 from amortized3d.evaluation.retrieval import CandidateIndex, retrieve
 
 
-def _retrieve_float64_per_call(images: torch.Tensor, texts: torch.Tensor, own: torch.Tensor,
+def retrieve_float64_per_call(images: torch.Tensor, texts: torch.Tensor, own: torch.Tensor,
                                text_chunk: int = 8192) -> torch.Tensor:
     """The pre-issue-15 R@1: every call re-normalises all candidates in float64 (reference + baseline)."""
     def norm(x):
@@ -31,15 +31,6 @@ def _retrieve_float64_per_call(images: torch.Tensor, texts: torch.Tensor, own: t
         best_val, best_idx = torch.where(better, val, best_val), torch.where(better, idx + t0, best_idx)
     return best_idx
 
-
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_retrieval(sizes: Sequence[int] = (15, 1000, 10_000, 100_000), views: int = 4, dim: int = 512,
@@ -58,11 +49,11 @@ def bench_retrieval(sizes: Sequence[int] = (15, 1000, 10_000, 100_000), views: i
         t0 = time.perf_counter()
         index = CandidateIndex(texts)
         build = time.perf_counter() - t0
-        old = [_retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)]
+        old = [retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)]
         new = [retrieve(q, index, o).best for q, o in zip(queries, owns)]
         identical = all(torch.equal(a, b) for a, b in zip(old, new))
-        secs = _interleaved({
-            "old": lambda: [_retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)],
+        secs = time_interleaved({
+            "old": lambda: [retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)],
             "new": lambda: [retrieve(q, index, o) for q, o in zip(queries, owns)],
         }, rounds)
         old_s, new_s = secs["old"] / prompts_per_round, secs["new"] / prompts_per_round
@@ -88,7 +79,7 @@ def bench_data_step(sizes: Sequence[int] = (15, 100_000, 1_000_000), world: int 
 
         epoch_permutation.cache_clear()
         same = all(torch.equal(old_step(s)[0], layout.batch(s, 0)[0]) for s in range(3))
-        secs = _interleaved({"old": lambda: [old_step(s) for s in range(steps)],
+        secs = time_interleaved({"old": lambda: [old_step(s) for s in range(steps)],
                              "new": lambda: [layout.batch(s, 0) for s in range(steps)]}, rounds)
         rows.append({"benchmark": "data stream per step", "variant": f"N={n}, world={world}, B={batch}",
                      "old_s_per_step": secs["old"] / steps, "new_s_per_step": secs["new"] / steps,

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from amortized3d.benchmark_scale import retrieve_float64_per_call
 from amortized3d.data import ShardLayout
 from amortized3d.evaluation.retrieval import prompt_means, retrieve
 from amortized3d.evaluation.shard import merge_shards, shard_indices
@@ -96,17 +97,9 @@ def test_merge_refuses_duplicates_and_losses():
 def float64_reference(images: torch.Tensor, texts: torch.Tensor, own: torch.Tensor, text_chunk: int = 8192):
     """Today's (pre-issue-15) algorithm: float64 scores, strict > across chunks, first max within one."""
     def norm(x):
-        x = x.double()
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    imgs = norm(images)
-    sim = (imgs * norm(texts[own])).sum(-1)
-    best_val = torch.full((len(imgs),), -torch.inf, dtype=torch.float64)
-    best_idx = torch.zeros(len(imgs), dtype=torch.long)
-    for t0 in range(0, len(texts), text_chunk):
-        val, idx = (imgs @ norm(texts[t0:t0 + text_chunk]).T).max(dim=1)
-        better = val > best_val
-        best_val, best_idx = torch.where(better, val, best_val), torch.where(better, idx + t0, best_idx)
-    return sim, best_idx
+        return x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = (norm(images) * norm(texts[own])).sum(-1)
+    return sim, retrieve_float64_per_call(images, texts, own, text_chunk)
 
 
 def _near_ties(num_text=3000, dim=64, num_images=200, scale=1e-9, seed=0):
