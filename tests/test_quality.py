@@ -2,7 +2,7 @@
 
 Trains exactly the README quickstart (`generator=hyper_ingp guidance=l2vsd`, default budget of
 300 steps) and evaluates 12 orbit views. Measured with these settings (120 views): train oracle R@1
-1.00 / PSNR 23.6 dB, held-out 1.00 / 24.0 dB (at 250 steps: 0.92 / 22.5 dB); the untrained generator scores R@1 0.04 / PSNR 14.1 dB (train)
+1.00 / PSNR 23.7 dB, held-out 0.96 / 23.7 dB (session 6; 1.00 / 23.6 and 1.00 / 24.0 before) (at 250 steps: 0.92 / 22.5 dB); the untrained generator scores R@1 0.04 / PSNR 14.1 dB (train)
 and 0.00 / 14.2 dB (held-out), chance is 1/30. The bar sits below the measured run with room for
 seed-to-seed variation and far above the untrained and chance levels.
 
