@@ -154,7 +154,9 @@ class AmortizedSystem(L.LightningModule):
         return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
                              step=self.batch_index, text_emb=text_emb, extras=extras,
                              generator=step_generator(self.seed, self.batch_index, self.global_rank, stream),
-                             auxiliary_gradients=auxiliary_gradients, memo=self._render_memo)
+                             auxiliary_gradients=auxiliary_gradients, memo=self._render_memo,
+                             auxiliary_gradient_items=(None if auxiliary_gradients is None
+                                                       else out.rgb.shape[0] * self.trainer.world_size))
 
     def _auxiliary_backward(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
                             weights: Tensor, index: int) -> dict:

@@ -376,3 +376,18 @@ def test_l2vsd_jvp_option_is_validated_and_shipped():
         L2VSDGuidance(prior, model, jvp="central")
     with pytest.raises(ValueError, match="fd_relative_step"):
         L2VSDGuidance(prior, model, fd_relative_step=0.0)
+
+
+def test_l2vsd_scales_a_rank_averaged_gradient_by_all_ranks_items():
+    """Under DDP the system hands over the gradient averaged over ranks (the mean over N x world
+    renders) and says so (``auxiliary_gradient_items``): the lookahead is then on the sum over all
+    ranks' renders, so each render keeps its full Eq. 7 term instead of 1/world of it."""
+    prior, model, x0, x_t, t, cond, cam = setup("unet", n=3)
+    guidance = L2VSDGuidance(prior, model, eta=0.05)
+    mean_grad = {k: torch.randn_like(p) for k, p in model.trainable_parameters().items()}
+    one_rank, two_ranks = make_input(x0, 3), make_input(x0, 3)
+    one_rank.auxiliary_gradients = two_ranks.auxiliary_gradients = mean_grad
+    two_ranks.auxiliary_gradient_items = 6  # 3 renders here x world size 2
+    _, delta_one = guidance.score_estimate(x_t, t, x0, cond, cam, one_rank)
+    _, delta_two = guidance.score_estimate(x_t, t, x0, cond, cam, two_ranks)
+    torch.testing.assert_close(delta_two, 2 * delta_one, rtol=1e-5, atol=1e-9)

@@ -34,6 +34,9 @@ class GuidanceInput:
     # It is the gradient of the system's reduction: the MEAN over the N renders of the weighted
     # per-item losses (``AmortizedSystem._reduce``), i.e. of sum_n w_n l_n / N.
     auxiliary_gradients: Mapping[str, Tensor] | None = None
+    # How many renders that mean is over: N here times the DDP world size (the system averages the
+    # gradient over ranks), so N * world * gradient is the gradient of the sum over all ranks' items.
+    auxiliary_gradient_items: int | None = None
     # Shared by every input the system builds from one step's renders (the guidance, its auxiliary
     # and its detached inputs): ``Guidance.encode`` keeps the encoded renders here, so the VAE runs
     # once per step however many times and in whatever order the step asks for x0. ``"rgb"``: the

@@ -278,7 +278,8 @@ class L2VSDGuidance(VSDGuidance):
         # In training the system hands over this step's score gradient of the item mean (it is
         # reused for the score step after theta, so the lookahead costs no extra backward pass).
         if inp.auxiliary_gradients is not None:
-            tangent = self.tangent_from_gradient(inp.auxiliary_gradients, num_items=x0.shape[0])
+            items = inp.auxiliary_gradient_items or x0.shape[0]  # all ranks' renders under DDP
+            tangent = self.tangent_from_gradient(inp.auxiliary_gradients, num_items=items)
         else:
             tangent = self.lookahead_tangent(x0, cond, camera, inp.generator)
         # Both methods return eps_phi(x_t) too: the finite difference costs one forward more than VSD.
