@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amortized3d.checkpoint_io import CheckpointError, load_torch, save_torch
 from amortized3d.priors.base import Prior
 from amortized3d.priors.schedule import NoiseSchedule
 from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, combine_perp_neg, perp_neg_mixing,
@@ -139,9 +139,9 @@ class StableDiffusionPrior(Prior):
         path = None if self.rgb_to_latent_cache_dir is None else self.rgb_to_latent_cache_dir / f"{key}.pt"
         if path is not None and path.is_file():
             try:
-                fit = torch.load(path, map_location="cpu", weights_only=True)
+                fit = load_torch(path, map_location="cpu")  # checksummed, weights_only
                 log.info("rgb_as_latents: affine RGB -> latent map loaded from %s", path)
-            except Exception as err:  # a corrupt entry is refit, not fatal
+            except CheckpointError as err:  # a corrupt entry is refit, not fatal
                 log.warning("rgb_as_latents: ignoring unreadable %s (%s); refitting", path, err)
                 fit = None
             if fit is not None:
@@ -150,10 +150,7 @@ class StableDiffusionPrior(Prior):
         fit = self.fit_rgb_to_latent(_FIT_COLOURS).cpu()
         _RGB_TO_LATENT_FITS[key] = fit
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: concurrent ranks never read half a file
-            torch.save(fit, tmp)
-            os.replace(tmp, path)
+            save_torch(fit, path)  # atomic: concurrent ranks never read half a file
             log.info("rgb_as_latents: affine RGB -> latent map fitted and stored at %s", path)
         return fit.clone()
 
