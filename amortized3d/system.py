@@ -66,6 +66,7 @@ class AmortizedSystem(L.LightningModule):
         self._resume_history: list[dict] = []
         self.auxiliary_optimizer: torch.optim.Optimizer | None = None
         self._render_memo: dict = {}  # this step's GuidanceInput.memo (one VAE encode per step)
+        self._weight_backups: dict[int, list[Tensor]] = {}  # per optimizer: weights before its step (rollback)
         self.save_hyperparameters({"config": config or {}})
         self.val_images: list[Tensor] = []
 
@@ -210,8 +211,6 @@ class AmortizedSystem(L.LightningModule):
         does not count as a generator update (``global_step``).
         """
         params = [p for g in opt.param_groups for p in g["params"]]
-        if not hasattr(self, "_weight_backups"):
-            self._weight_backups: dict[int, list[Tensor]] = {}
         backup = self._weight_backups.get(id(opt))
         if backup is None or len(backup) != len(params):
             backup = self._weight_backups[id(opt)] = [torch.empty_like(p) for p in params]
