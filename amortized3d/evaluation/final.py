@@ -1,7 +1,7 @@
 """End-of-training evaluation: oracle metrics of each split and turntable videos, for metrics.json.
 
 The same scoring loop as ``scripts/evaluate.py`` (``evaluate.score_prompts``) with the oracle
-scorer when the prior has a ground-truth world; each prompt is rendered once, even when it is in
+scorer when the prior, or the corpus (``primitives``), has a ground-truth world; each prompt is rendered once, even when it is in
 several splits or also gets a video.
 
 Without a scorer (a prior with no ground-truth world, e.g. Stable Diffusion) nothing could score
@@ -26,12 +26,28 @@ from amortized3d.export import write_video
 log = logging.getLogger(__name__)
 
 
+def corpus_world(corpus):
+    """The ground-truth world a corpus is named after (``primitives``), whatever the prior: a Stable
+    Diffusion run on the primitives corpus is scored by the oracle too. None for other corpora."""
+    from amortized3d.scenes.references import WORLDS, get_world
+
+    name = getattr(corpus, "name", None)
+    if name not in WORLDS:
+        return None
+    world = get_world(name)
+    try:  # a user's file that merely shares the name is not that world
+        world.object_ids([p for split in corpus.splits.values() for p in split])
+    except ValueError:
+        return None
+    return world
+
+
 def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     """``cfg``: the run's ``evaluation:`` node (orbit settings, splits, videos, video_fps)."""
     from amortized3d.evaluation.oracle import corpus_prompts
 
     orbit = Orbit.from_settings(cfg, system.renderer)
-    world = getattr(prior, "world", None)
+    world = getattr(prior, "world", None) or corpus_world(corpus)
     scorer = OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake) if world else None
     video_list = system.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
     if scorer is None:
