@@ -182,7 +182,7 @@ def train_unet(cfg: ToySDConfig, latents: Tensor, captions: Captions, tokenizer,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
+        loss_ema = float(loss.detach()) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss.detach())
         if progress:
             progress("unet", step, cfg.unet_steps, loss_ema)
     ema.copy_to()
