@@ -40,7 +40,7 @@ class ToySDConfig:
     plain_caption_fraction: float = 0.1  # "a red cube" with no view phrase (prior.model.view_dependent=false)
     # --- VAE: 32 px -> 4 x 8 x 8 latents (factor 4 = 2 ** (3 - 1) down blocks) ---
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 600
+    vae_steps: int = 400
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
@@ -50,7 +50,7 @@ class ToySDConfig:
     text_layers: int = 2
     # --- UNet: cross-attention at both levels and in the mid block (the LoRA targets) ---
     unet_channels: tuple[int, ...] = (32, 64)
-    unet_steps: int = 2000
+    unet_steps: int = 1000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     # The regression target is the exact posterior mean of the reference latents under the caption's
