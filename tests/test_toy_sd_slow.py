@@ -36,21 +36,38 @@ def train_on_toy(out, cache_dir, toy, *overrides: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def score_losses(run_dir) -> list[float]:
+    """The score model's own denoising loss on the renders (``aux/loss/score``), per logged step."""
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r["aux/loss/score"]) for r in csv.DictReader(f) if r.get("aux/loss/score")]
+
+
 @pytest.mark.slow
 def test_a_mismatched_score_model_prediction_type_scores_worse(tmp_path, cache_dir, toy_sd):
     """The regression the LoRA-as-v-on-an-eps-UNet bug lacked: VSD's LoRA read with the other prediction
-    type than its base trains a measurably worse generator in a few dozen steps."""
-    common = ["guidance=vsd", "trainer.max_steps=40", "trainer.val_check_interval=40", "evaluation.splits=[train]"]
-    matched = train_on_toy(tmp_path / "matched", cache_dir, toy_sd, *common)["oracle"]["train"]["overall"]
-    wrong = train_on_toy(tmp_path / "mismatched", cache_dir, toy_sd, *common,
-                         "prior.score_model._target_=toy_sd_helpers.MismatchedLoRAScoreModel")["oracle"]["train"]["overall"]
-    assert matched["psnr"] >= wrong["psnr"] + 1.0, (matched, wrong)
+    type than its base fits the renders' noise measurably worse. Measured (40 steps): score loss 0.17-0.42
+    matched, 1.30-1.74 mismatched. The generator's oracle score is NOT the signal at this budget: there the
+    matched run scored train R@1 0.20 / 9.6 dB and the mismatched 0.76 / 19.7 dB (docs/results.md: an
+    untrained LoRA equals the prior, so early VSD is the CFG direction alone, CSD-like; the mismatched
+    eps_phi = sqrt(abar) eps + sqrt(1 - abar) x_t carries an SDS-like noise-residual term)."""
+    common = ["guidance=vsd", "trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.val_check_interval=30",
+              "evaluation.splits=[]"]
+    train_on_toy(tmp_path / "matched", cache_dir, toy_sd, *common)
+    train_on_toy(tmp_path / "mismatched", cache_dir, toy_sd, *common,
+                 "prior.score_model._target_=toy_sd_helpers.MismatchedLoRAScoreModel")
+    matched, wrong = score_losses(tmp_path / "matched"), score_losses(tmp_path / "mismatched")
+    assert len(matched) >= 20 and len(wrong) >= 20
+    assert sum(matched) / len(matched) * 2 < sum(wrong) / len(wrong), (matched, wrong)
 
 
 @pytest.mark.slow
 def test_sds_through_the_toy_sd_learns_the_primitives_world(tmp_path, cache_dir, toy_sd):
-    """hyper_ingp + SDS (CFG 7.5, as on the analytic world) at the default budget, scored by the oracle."""
-    metrics = train_on_toy(tmp_path, cache_dir, toy_sd, "guidance=sds", "guidance.guidance_scale=7.5")
+    """hyper_ingp + SDS (CFG 7.5, as on the analytic world), 150 steps (half the default: CI time), scored
+    by the oracle on 8 orbit views."""
+    metrics = train_on_toy(tmp_path, cache_dir, toy_sd, "guidance=sds", "guidance.guidance_scale=7.5",
+                           "trainer.max_steps=150")
     assert metrics["training"]["nonfinite_steps"] == 0
     seen = metrics["oracle"]["train"]["overall"]
     assert seen["r_at_1"] >= 0.5 and seen["psnr"] >= 17.0, seen
