@@ -70,4 +70,4 @@ def test_sds_through_the_toy_sd_learns_the_primitives_world(tmp_path, cache_dir,
                            "trainer.max_steps=150")
     assert metrics["training"]["nonfinite_steps"] == 0
     seen = metrics["oracle"]["train"]["overall"]
-    assert seen["r_at_1"] >= 0.5 and seen["psnr"] >= 17.0, seen
+    assert seen["r_at_1"] >= 0.6 and seen["psnr"] >= 18.0, seen  # measured (12 views): 0.913 / 21.2 dB
