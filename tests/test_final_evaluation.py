@@ -1,6 +1,8 @@
 """End-of-training evaluation with the SD prior (no world, no scorer): bounded, and no train prompt is rendered."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from amortized3d.evaluation.final import evaluate_run
@@ -11,7 +13,12 @@ from sd_helpers import sd_overrides
 
 
 def test_sd_prior_final_evaluation_renders_only_a_bounded_video_subset(tmp_path, cache_dir, tiny_sd):
-    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), "evaluation.splits=[train,val]",
+    # A corpus of no ground-truth world (the primitives corpus is scored whatever the prior: final.corpus_world)
+    corpus_file = tmp_path / "custom.json"
+    corpus_file.write_text(json.dumps({"train": ["a wooden chair", "a photo of a dog"], "val": ["a red car", "a teapot"],
+                                       "test": ["a red car"]}))
+    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), f"data.corpus_path={corpus_file}",
+                  "evaluation.splits=[train,val]",
                   "evaluation.videos=val", "evaluation.max_videos=1", "evaluation.num_views=2", tiny=False)
     system, prior, corpus = build_system(cfg)
     assert getattr(prior, "world", None) is None  # nothing can score these renders

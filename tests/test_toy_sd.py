@@ -107,3 +107,20 @@ def test_corpus_world_scores_the_primitives_corpus_whatever_the_prior():
     assert corpus_world(Corpus("primitives", splits, None, "")) == world
     assert corpus_world(Corpus("mg15", splits, None, "")) is None
     assert corpus_world(Corpus("primitives", {"train": ("a photo of a dog",)}, None, "")) is None
+
+
+def test_sd_prior_on_the_primitives_corpus_is_scored_by_the_oracle(tmp_path, cache_dir, tiny_sd):
+    """Deliver 4 of issue 14: a Stable Diffusion run on data=primitives writes oracle metrics at the end."""
+    from amortized3d.evaluation.final import evaluate_run
+    from amortized3d.train import build_system
+    from conftest import compose
+    from sd_helpers import sd_overrides
+
+    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), "evaluation.splits=[val]", "evaluation.videos=null",
+                  "evaluation.num_views=2", tiny=False)
+    system, prior, corpus = build_system(cfg)
+    assert getattr(prior, "world", None) is None
+    metrics = evaluate_run(system, prior, corpus, cfg.evaluation, tmp_path)
+    assert metrics["evaluation"]["scorer"] == "oracle"
+    val = metrics["oracle"]["val"]
+    assert len(val["per_prompt"]) == len(corpus.unique("val")) and 0.0 <= val["overall"]["r_at_1"] <= 1.0
