@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from amortized3d.build import build_system
 from amortized3d.generators.encodings import HashGridEncoding
 
 
@@ -86,8 +87,6 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
 def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = None) -> dict:
     """{name: (system, cfg)} from ``configs/train.yaml`` with each variant's Hydra overrides."""
     from hydra import compose, initialize_config_dir
-
-    from amortized3d.train import build_system
 
     root = Path(__file__).resolve().parents[1]
     out = {}
