@@ -42,7 +42,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+import amortized3d.guidance.vsd as vsd
+from amortized3d.benchmark_steps import make_step_runner
 from amortized3d.build import build_system
+from amortized3d.generators.encodings import HashGridEncoding
 
 # --- the SD-2.1-base architecture (stabilityai/stable-diffusion-2-1-base, model_index 0.10.0.dev0) -----
 SD21_BASE_UNET = dict(
@@ -190,9 +193,6 @@ class PartTimer:
 
     def instrument(self, system) -> None:
         """Patch this system's prior, score model, renderer, hash grid and backward passes."""
-        import amortized3d.guidance.vsd as vsd
-        from amortized3d.generators.encodings import HashGridEncoding
-
         guidance, prior = system.guidance, system.guidance.prior
         self.wrap(system.renderer, "forward", "render")
         for module in system.generator.modules():
@@ -337,8 +337,6 @@ def bench_sd_fullsize(guidances: Sequence[str] = ("sds", "vsd", "l2vsd"), dtype:
     one warm-up, dropped); ``model_dir``: reuse a model written by ``write_sd21_base`` (else a
     temporary one is written and deleted); ``size="tiny"``: the tests' tiny SD (smoke test).
     """
-    from amortized3d.benchmark_steps import make_step_runner
-
     log = log or (lambda s: None)
     tmp = None
     t_start = time.perf_counter()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from amortized3d.build import build_model, build_prior, load_run_corpus, run_corpus
 from amortized3d.checkpoint_io import CheckpointError, load_torch
@@ -56,6 +57,8 @@ def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locatio
     model = build_model(cfg, corpus, train_prompts=saved_prompts)
     model.load_state_dict(model_state_dict(ckpt["state_dict"]))
     prior = build_prior(cfg) if with_prior else None
+    if isinstance(prior, nn.Module):
+        prior.eval()  # frozen, and only queried
     return LoadedModel(model.eval(), prior, corpus, cfg)
 
 
