@@ -124,3 +124,15 @@ def test_sd_prior_on_the_primitives_corpus_is_scored_by_the_oracle(tmp_path, cac
     assert metrics["evaluation"]["scorer"] == "oracle"
     val = metrics["oracle"]["val"]
     assert len(val["per_prompt"]) == len(corpus.unique("val")) and 0.0 <= val["overall"]["r_at_1"] <= 1.0
+
+
+def test_toy_sd_experiment_composes_with_the_toys_sizes(tmp_path):
+    """experiment=toy_sd: renders, VAE input and CLIP width are the toy's (ToySDConfig), on the primitives corpus."""
+    from conftest import compose
+
+    cfg = compose(tmp_path, tmp_path, "experiment=toy_sd", "prior.pretrained_model_name_or_path=/x", tiny=False)
+    toy = ToySDConfig()
+    assert cfg.prior.name == "stable_diffusion" and cfg.data.corpus == "primitives"
+    assert cfg.prior.render.resolution == cfg.prior.model.vae_resolution == cfg.system.resolution == toy.resolution
+    assert cfg.prior.text_encoder.embedding_dim == toy.text_hidden
+    assert {k: list(v) for k, v in cfg.data.camera.items()} == toy.camera
