@@ -131,14 +131,15 @@ def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's corpus (or ``cfg.data``'s)."""
     from amortized3d.corpora import load_corpus
     from amortized3d.evaluation.checkpoint import load_system
+    from amortized3d.scenes.world import build_world
 
     output_dir = Path(cfg.paths.output_dir)
     rank, world = distributed_context()
     device = _device(str(cfg.get("device", "auto")))
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
-    # Only the oracle needs the prior (its ground-truth world); CLIP scores renders alone.
-    system, prior, corpus, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
-                                                  with_guidance=cfg.evaluator.get("name") == "oracle")
+    # Neither scorer needs the prior or the guidance: the oracle scores against the run's world.
+    system, _, corpus, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
+                                              with_guidance=False)
     system = system.to(device)
     if cfg.get("data") is not None:  # another corpus' prompts, conditioned by the checkpoint's text encoder
         corpus = load_corpus(cfg.data.get("corpus_path") or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
@@ -150,7 +151,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"no prompt of split {cfg.split!r} of corpus {corpus.name!r} can be rendered by this "
                          f"{type(system.generator).__name__} checkpoint")
     orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), system.renderer)
-    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, prior=prior, orbit=orbit,
+    world = build_world(ckpt_cfg) if cfg.evaluator.get("name") == "oracle" else None
+    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, world=world, orbit=orbit,
                           cache_dir=cfg.paths.cache_dir, device=device)
     mine = [evaluated[k] for k in shard_indices(len(evaluated), world, rank)]
     grid_views = int(cfg.get("grid_views", 8))
