@@ -151,8 +151,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"no prompt of split {cfg.split!r} of corpus {corpus.name!r} can be rendered by this "
                          f"{type(system.generator).__name__} checkpoint")
     orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), system.renderer)
-    world = build_world(ckpt_cfg) if cfg.evaluator.get("name") == "oracle" else None
-    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, world=world, orbit=orbit,
+    ground_truth = build_world(ckpt_cfg) if cfg.evaluator.get("name") == "oracle" else None
+    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, world=ground_truth, orbit=orbit,
                           cache_dir=cfg.paths.cache_dir, device=device)
     mine = [evaluated[k] for k in shard_indices(len(evaluated), world, rank)]
     grid_views = int(cfg.get("grid_views", 8))
