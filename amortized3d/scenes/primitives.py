@@ -144,7 +144,8 @@ class PrimitivesWorld:
         if unknown:
             raise ValueError(f"unknown shapes/colours {unknown}; known: {sorted(_SDFS)} / {sorted(COLOURS)}")
         if not self.bound > self.bounding_radius:
-            raise ValueError(f"world bound {self.bound} must exceed the objects' bounding radius {self.bounding_radius}")
+            raise ValueError(f"world bound {self.bound} must exceed the objects' bounding radius "
+                             f"{self.bounding_radius}")
         # Hydra passes lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "colours", tuple(self.colours))
