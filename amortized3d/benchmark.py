@@ -123,9 +123,10 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
     at the configured resolution and sample budget (rows without a suffix: as configured). With
-    ``compare`` every row also for the previous path ("[old]": hash grid ``fused=False``, no
-    skipping) and with ``renderer.skip_empty_space`` on ("[skip]"), interleaved on the same
-    system; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
+    ``compare`` every row also for the previous paths, interleaved on the same system: "[old]"
+    (hash grid ``fused=False``, two-head MLPs ``fused_mlp=False``, no skipping: before session 6),
+    "[fused grid]" (fused grid, two-head MLPs: session 6's default) and "[skip]" / "[no skip]"
+    (as configured with ``renderer.skip_empty_space`` flipped); ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
     from amortized3d.evaluation.orbit import Orbit
 
@@ -146,29 +147,41 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
         return lambda: system.render(prompts[:1], eval_views, bake=bake_grid, renderer=eval_renderer)
 
     grids = [m for m in system.generator.modules() if isinstance(m, HashGridEncoding)]
+    gen = system.generator
+    has_mlp_switch = hasattr(gen, "fused_mlp")
 
-    def configured(fn, fused: bool, skip: bool):  # the same system, hash grid path and skipping set per call
+    def configured(fn, fused: bool, fused_mlp: bool, skip: bool):
+        """The same system with the hash grid path, the MLP path and skipping set per call."""
         def run():
-            before = ([g.fused for g in grids], system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
+            before = ([g.fused for g in grids], getattr(gen, "fused_mlp", None),
+                      system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
             for g in grids:
                 g.fused = fused
+            if has_mlp_switch:
+                gen.fused_mlp = fused_mlp
             system.renderer.skip_empty_space = eval_renderer.skip_empty_space = skip
             try:
                 return fn()
             finally:
                 for g, f in zip(grids, before[0]):
                     g.fused = f
-                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[1:]
+                if has_mlp_switch:
+                    gen.fused_mlp = before[1]
+                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[2:]
         return run
 
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
-    if compare:  # + the previous path ("[old]": fused=False, no skipping) and "[skip]" (skipping on)
-        fused_now = all(g.fused for g in grids)
-        candidates = {**{f"{k} {v}": configured(fn, *flags) for k, fn in candidates.items()
-                         for v, flags in {"[old]": (False, False), "[skip]": (fused_now, True)}.items()},
-                      **candidates}
+    if compare:  # + the previous paths and skipping on, each row's variants next to each other
+        now = (all(g.fused for g in grids), bool(getattr(gen, "fused_mlp", False)))
+        skip_now = system.renderer.skip_empty_space
+        variants = {"[old]": (False, False, False), "[fused grid]": (True, False, False), "": (*now, skip_now),
+                    "[no skip]" if skip_now else "[skip]": (*now, not skip_now)}
+        if not has_mlp_switch:  # e.g. 3DConv-net: no generated MLP heads to fuse
+            del variants["[fused grid]"]
+        candidates = {f"{k} {v}".rstrip(): configured(fn, *flags) for k, fn in candidates.items()
+                      for v, flags in variants.items()}
     times = time_interleaved(candidates, rounds=rounds)
     rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
             for k in times}

@@ -42,6 +42,7 @@ class HyperIngpGenerator(Generator):
         activation: Activation = "relu",
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
+        fused_mlp: bool = True,
     ) -> None:
         super().__init__()
         enc_kwargs = dict(encoding or {})
@@ -84,6 +85,9 @@ class HyperIngpGenerator(Generator):
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
+        # Both heads as one chunked network (fields.HashGridField); False: the previous two
+        # batched passes, kept for comparison (scripts/benchmark.py --only render).
+        self.fused_mlp = bool(fused_mlp)
 
     def generate_weights(self, text_emb: Tensor) -> Tensor:
         """text [B,E] -> flat MLP weights [B, num_weights]."""
@@ -100,7 +104,7 @@ class HyperIngpGenerator(Generator):
             sdf_weights=split_flat(flat[:, :n_sdf], self.sdf_shapes),
             rgb_weights=split_flat(flat[:, n_sdf:], self.rgb_shapes),
             activation=self.activation, sdf_bias=self.sdf_bias,
-            sdf_bias_radius=self.sdf_bias_radius)
+            sdf_bias_radius=self.sdf_bias_radius, fused_mlp=self.fused_mlp)
 
     def parameter_groups(self) -> list[dict]:
         enc = list(self.encoding.parameters())

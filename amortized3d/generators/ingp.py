@@ -31,6 +31,7 @@ class IngpGenerator(Generator):
         activation: Activation = "relu",
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
+        fused_mlp: bool = True,
     ) -> None:
         super().__init__()
         enc_kwargs = dict(encoding or {})
@@ -45,6 +46,9 @@ class IngpGenerator(Generator):
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
+        # Both heads as one chunked network (fields.HashGridField); False: the previous two
+        # batched passes, kept for comparison (scripts/benchmark.py --only render).
+        self.fused_mlp = bool(fused_mlp)
 
     def forward(self, text_emb: Tensor | None, prompt_ids: Tensor, z: Tensor | None = None) -> HashGridField:
         ids = prompt_ids.long()
@@ -58,7 +62,7 @@ class IngpGenerator(Generator):
             sdf_weights=[w[ids] for w in self.sdf_layers],
             rgb_weights=[w[ids] for w in self.rgb_layers],
             activation=self.activation, sdf_bias=self.sdf_bias,
-            sdf_bias_radius=self.sdf_bias_radius)
+            sdf_bias_radius=self.sdf_bias_radius, fused_mlp=self.fused_mlp)
 
     def parameter_groups(self) -> list[dict]:
         return [
