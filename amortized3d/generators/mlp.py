@@ -7,6 +7,7 @@ never nn.Linear modules.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal, Sequence
 
@@ -77,9 +78,10 @@ def batched_mlp(x: Tensor, weights: Sequence[Tensor], activation: Activation = "
 # Memory for backward drops from O(N * hidden) to O(N * in). Same function, same gradients.
 
 #: Hidden activations per chunk (elements, summed over the batch): 2^19 fp32 = 2 MiB, so
-#: the chunk's activations stay in L2/L3. Measured on the 2-core EPYC (8 fields x 128 hidden):
-#: chunks of 256-1024 points per field were equally fast, 2048 1.7x slower, 4096+ as slow as
-#: unchunked. On CUDA the whole batch is one chunk (launch overhead, not cache, bounds it there).
+#: the chunk's activations stay in cache. Measured on the 2-core EPYC, one thread (see
+#: _one_thread), 8 fields x 49k points x 128 hidden, fwd+bwd CPU time: chunks of 512 / 1024 /
+#: 2048 points per field 220 / 230 / 255 ms, one chunk 516 ms, the two-head batched_mlp 620 ms.
+#: On CUDA the whole batch is one chunk (launch overhead, not cache, bounds it there).
 CHUNK_ELEMENTS = 2**19
 
 
@@ -131,54 +133,121 @@ class _ChunkedMLP(torch.autograd.Function):
 
     Saves x and the weights only. Backward per chunk c (h_0 = x_c, z_l = h_{l-1} W_l^T,
     h_l = act(z_l), g_L = dy_c):  dW_l += g_l^T h_{l-1},  g_{l-1} = (g_l W_l) * act'(z_{l-1}),
-    dx_c = g_1 W_1. Deterministic (fixed chunk order), so training stays bit-exact on resume.
+    dx_c = g_1 W_1. Every chunk writes into the same preallocated buffers (``out=`` matmuls,
+    in-place activations): no allocation per chunk, so the allocator never hands pages back
+    to the OS and re-faults them (costly on a loaded machine). Deterministic (fixed chunk
+    order), so training stays bit-exact on resume.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, activation: str, chunk: int, *weights: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, *weights)
         ctx.activation, ctx.chunk = activation, chunk
-        act = F.relu if activation == "relu" else F.silu
+        with _one_thread(x):
+            return _ChunkedMLP._forward(x, activation, chunk, weights)
+
+    @staticmethod
+    def _forward(x: Tensor, activation: str, chunk: int, weights: Sequence[Tensor]) -> Tensor:
+        b, n, _ = x.shape
+        widths = [w.shape[1] for w in weights]
+        buffers = [_Buffer(x, b, chunk, w) for w in widths]
         transposed = [w.transpose(1, 2) for w in weights]
-        out = x.new_empty(x.shape[0], x.shape[1], weights[-1].shape[1])
-        for s in range(0, x.shape[1], chunk):
-            h = x[:, s:s + chunk]
+        out = x.new_empty(b, n, widths[-1])
+        for s in range(0, n, chunk):
+            c = min(chunk, n - s)
+            h = x[:, s:s + c]
             for i, wt in enumerate(transposed):
-                h = torch.bmm(h, wt)
-                if i < len(transposed) - 1:
-                    h = act(h)
-            out[:, s:s + chunk] = h
+                z = buffers[i].view(c)
+                torch.bmm(h, wt, out=z)
+                h = z if i == len(transposed) - 1 else _activate_(z, activation)
+            out[:, s:s + c] = h
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, *weights = ctx.saved_tensors
+        with _one_thread(x):
+            return _ChunkedMLP._backward(ctx, x, weights, grad_out)
+
+    @staticmethod
+    def _backward(ctx, x: Tensor, weights: Sequence[Tensor], grad_out: Tensor):
         activation, chunk = ctx.activation, ctx.chunk
-        act = F.relu if activation == "relu" else F.silu
+        b, n, d_in = x.shape
         need_x = ctx.needs_input_grad[0]
-        need_w = [ctx.needs_input_grad[3 + i] for i in range(len(weights))]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = [torch.zeros_like(w) if n else None for w, n in zip(weights, need_w)]
+        grad_w = [torch.zeros_like(w) if ctx.needs_input_grad[3 + i] else None for i, w in enumerate(weights)]
         grad_out = grad_out.to(x.dtype)
+        hidden = [w.shape[1] for w in weights[:-1]]
+        act_buf = [_Buffer(x, b, chunk, h) for h in hidden]   # h_l (relu: z_l activated in place)
+        grad_buf = [_Buffer(x, b, chunk, h) for h in hidden]  # g_l
+        grad_x_buf = _Buffer(x, b, chunk, d_in) if need_x else None
         transposed = [w.transpose(1, 2) for w in weights]
-        for s in range(0, x.shape[1], chunk):
-            inputs, pre = [x[:, s:s + chunk]], []  # h_{l-1} and z_l of every layer but the last
-            for wt in transposed[:-1]:
-                z = torch.bmm(inputs[-1], wt)
-                pre.append(z)
-                inputs.append(act(z))
-            g = grad_out[:, s:s + chunk]
+        for s in range(0, n, chunk):
+            c = min(chunk, n - s)
+            inputs, pre = [x[:, s:s + c]], []  # h_{l-1} of every layer; z_l (silu only)
+            for i, wt in enumerate(transposed[:-1]):
+                z = act_buf[i].view(c)
+                torch.bmm(inputs[-1], wt, out=z)
+                if activation == "relu":
+                    inputs.append(z.relu_())
+                else:
+                    pre.append(z)
+                    inputs.append(F.silu(z))
+            g = grad_out[:, s:s + c]
             for layer in range(len(weights) - 1, -1, -1):
                 if grad_w[layer] is not None:
                     grad_w[layer].baddbmm_(g.transpose(1, 2), inputs[layer])
-                if layer == 0 and not need_x:
+                if layer == 0:
+                    if need_x:
+                        gx = grad_x_buf.view(c)  # type: ignore[union-attr]
+                        torch.bmm(g, weights[0], out=gx)
+                        grad_x[:, s:s + c] = gx  # type: ignore[index]
                     break
-                g = torch.bmm(g, weights[layer])
-                if layer > 0:
-                    g = g * _activation_grad(pre[layer - 1], activation)  # type: ignore[arg-type]
-            if need_x:
-                grad_x[:, s:s + chunk] = g
+                gh = grad_buf[layer - 1].view(c)
+                torch.bmm(g, weights[layer], out=gh)
+                if activation == "relu":  # h >= 0, so sign(h) = 1[z > 0]; h is not needed any more
+                    gh.mul_(inputs[layer].sign_())
+                else:
+                    gh.mul_(_activation_grad(pre[layer - 1], activation))
+                g = gh
         return (grad_x, None, None, *grad_w)
+
+
+@contextlib.contextmanager
+def _one_thread(x: Tensor):
+    """Run the chunk loop on one intra-op thread on CPU.
+
+    Each chunk is ~10 small ops. With 2 OpenMP threads every op ends in a barrier, and on a
+    shared, oversubscribed CPU a barrier waits for the other thread's next time slice:
+    measured at load ~20 on the 2-core box, 2-thread chunks were 5-20x SLOWER than the
+    unchunked path, while 1-thread chunks cost 2.8x less CPU and wall time than it
+    (216 vs 620 ms for 8 x 49k points fwd+bwd). One thread gives up ~1.5x on an idle box
+    for that robustness. CUDA is unaffected (one chunk, no OpenMP).
+    """
+    if x.device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Buffer:
+    """One reusable flat buffer, viewed as a contiguous [B, c, width] block for each chunk."""
+
+    def __init__(self, like: Tensor, batch: int, chunk: int, width: int) -> None:
+        self.flat = like.new_empty(batch * min(chunk, like.shape[1]) * width)
+        self.batch, self.width = batch, width
+
+    def view(self, c: int) -> Tensor:
+        return self.flat[: self.batch * c * self.width].view(self.batch, c, self.width)
+
+
+def _activate_(z: Tensor, activation: str) -> Tensor:
+    return z.relu_() if activation == "relu" else F.silu(z, inplace=True)
 
 
 def chunked_mlp(x: Tensor, weights: Sequence[Tensor], activation: Activation = "relu",
