@@ -83,6 +83,56 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
     return rows
 
 
+def bench_mlp(fields: int = 8, points: int = 49152, in_dim: int = 12, hidden: int = 64, rounds: int = 5,
+              compile: bool = False) -> list[dict]:
+    """Forward+backward of the generated MLP heads (sdf in->hidden->1, albedo in->hidden->3, per-field
+    weights), as the quickstart's training render calls them (defaults: 8 prompts x 1024 rays x 48
+    samples, 6 levels x 2 features): the two-head batched_mlp path ("old", ``fused_mlp=False``), both
+    heads as one network in one pass, and the chunked default, interleaved. With ``compile``, also
+    ``torch.compile(dynamic=True)`` of the old path, with its start-up cost (first call, and a new
+    point count: empty-space skipping changes it every step)."""
+    from amortized3d.generators.mlp import batched_mlp, chunked_mlp, fuse_heads, kaiming_weights, mlp_shapes
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x = torch.randn(fields, points, in_dim, device=device, requires_grad=True)
+    sdf = [w.to(device).requires_grad_() for w in kaiming_weights(mlp_shapes(in_dim, hidden, 1), fields)]
+    rgb = [w.to(device).requires_grad_() for w in kaiming_weights(mlp_shapes(in_dim, hidden, 3), fields)]
+    leaves = [x, *sdf, *rgb]
+
+    def old(x, sdf, rgb):
+        return torch.cat([batched_mlp(x, sdf), batched_mlp(x, rgb)], dim=-1)
+
+    def step(fn):
+        def run():
+            fn(x, sdf, rgb).sum().backward()
+            for t in leaves:
+                t.grad = None
+        return run
+
+    candidates = {"old: two heads, batched_mlp": step(old),
+                  "fused heads, one pass": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r]), chunk=points)),
+                  "new: fused heads, chunked (default)": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r])))}
+    startup: dict[str, float] = {}
+    if compile:
+        compiled = torch.compile(old, dynamic=True)
+        t0 = time.perf_counter()
+        step(compiled)()
+        startup["first call"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled(x[:, : points // 2 + 1], sdf, rgb).sum().backward()
+        startup["new point count"] = time.perf_counter() - t0
+        candidates["torch.compile(old, dynamic=True)"] = step(compiled)
+    times = time_interleaved(candidates, rounds=rounds)
+    base = times["old: two heads, batched_mlp"]
+    rows = [{"benchmark": "mlp heads fwd+bwd", "variant": k, "device": device, "points": fields * points,
+             "seconds": v, "speedup_vs_old": base / v} for k, v in times.items()]
+    for k, v in startup.items():
+        rows.append({"benchmark": "mlp heads fwd+bwd", "variant": f"torch.compile start-up ({k})",
+                     "device": device, "seconds": v})
+    return rows
+
+
 def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = None) -> dict:
     """{name: (system, cfg)} from ``configs/train.yaml`` with each variant's Hydra overrides."""
     from hydra import compose, initialize_config_dir
