@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 Activation = Literal["relu", "silu"]
 LayerShape = tuple[int, int]  # (out_features, in_features), like nn.Linear.weight
@@ -164,6 +165,7 @@ class _ChunkedMLP(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the recomputing backward is not itself differentiable (no caller needs it)
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, *weights = ctx.saved_tensors
         with _one_thread(x):
