@@ -135,3 +135,23 @@ def test_fused_field_equals_the_previous_two_head_path(kind):
     assert len(results[0]) == len(results[1]) > 2
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_mlp_weight_gradient_under_bf16_autocast_sums_chunks_in_fp32():
+    """Many chunks under bf16 autocast: the weight gradient is as accurate as ONE bf16 pass
+    (the per-chunk partials are summed in fp32, not rounded into a bf16 running total)."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 8192, 8)
+    ws = [w.requires_grad_() for w in kaiming_weights(mlp_shapes(8, 16, 4), 1)]
+    up = torch.randn(1, 8192, 4)
+    exact = _grads(batched_mlp(x.double(), [w.double() for w in ws]), ws, up.double())
+    errors = {}
+    for chunk in (8192, 16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = chunked_mlp(x, ws, chunk=chunk)
+        grads = _grads(out.float(), ws, up)
+        errors[chunk] = [((g.double() - e).norm() / e.norm()).item() for g, e in zip(grads, exact)]
+    # per layer (the first layer's error is dominated by x rounded to bf16; measured on the last
+    # layer: 0.0033 in one pass, 0.0034 in 512 chunks here, 0.030 with bf16 running totals)
+    for chunked, one_pass in zip(errors[16], errors[8192]):
+        assert chunked < 1.5 * one_pass, errors

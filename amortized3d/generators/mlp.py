@@ -177,7 +177,11 @@ class _ChunkedMLP(torch.autograd.Function):
         b, n, d_in = x.shape
         need_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = [torch.zeros_like(w) if ctx.needs_input_grad[3 + i] else None for i, w in enumerate(weights)]
+        # Weight gradients sum over all chunks: in fp32 when the MLP runs in half precision
+        # (autocast), so ~100 chunk partials are not each rounded into a bf16/fp16 total.
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        grad_w = [torch.zeros_like(w, dtype=torch.float32 if low else w.dtype) if ctx.needs_input_grad[3 + i]
+                  else None for i, w in enumerate(weights)]
         grad_out = grad_out.to(x.dtype)
         hidden = [w.shape[1] for w in weights[:-1]]
         act_buf = [_Buffer(x, b, chunk, h) for h in hidden]   # h_l (relu: z_l activated in place)
@@ -198,7 +202,10 @@ class _ChunkedMLP(torch.autograd.Function):
             g = grad_out[:, s:s + c]
             for layer in range(len(weights) - 1, -1, -1):
                 if grad_w[layer] is not None:
-                    grad_w[layer].baddbmm_(g.transpose(1, 2), inputs[layer])
+                    if low:
+                        grad_w[layer] += torch.bmm(g.transpose(1, 2), inputs[layer])
+                    else:
+                        grad_w[layer].baddbmm_(g.transpose(1, 2), inputs[layer])
                 if layer == 0:
                     if need_x:
                         gx = grad_x_buf.view(c)  # type: ignore[union-attr]
@@ -212,7 +219,7 @@ class _ChunkedMLP(torch.autograd.Function):
                 else:
                     gh.mul_(_activation_grad(pre[layer - 1], activation))
                 g = gh
-        return (grad_x, None, None, *grad_w)
+        return (grad_x, None, None, *[g if g is None else g.to(w.dtype) for g, w in zip(grad_w, weights)])
 
 
 @contextlib.contextmanager
