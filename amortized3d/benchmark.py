@@ -88,7 +88,7 @@ def bench_mlp(fields: int = 8, points: int = 49152, in_dim: int = 12, hidden: in
     """Forward+backward of the generated MLP heads (sdf in->hidden->1, albedo in->hidden->3, per-field
     weights), as the quickstart's training render calls them (defaults: 8 prompts x 1024 rays x 48
     samples, 6 levels x 2 features): the two-head batched_mlp path ("old", ``fused_mlp=False``), both
-    heads as one network in one pass, and the chunked default, interleaved. With ``compile``, also
+    heads as one network in one pass, and chunked (``fused_mlp=True``), interleaved. With ``compile``, also
     ``torch.compile(dynamic=True)`` of the old path, with its start-up cost (first call, and a new
     point count: empty-space skipping changes it every step)."""
     from amortized3d.generators.mlp import batched_mlp, chunked_mlp, fuse_heads, kaiming_weights, mlp_shapes
@@ -112,7 +112,7 @@ def bench_mlp(fields: int = 8, points: int = 49152, in_dim: int = 12, hidden: in
 
     candidates = {"old: two heads, batched_mlp": step(old),
                   "fused heads, one pass": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r]), chunk=points)),
-                  "new: fused heads, chunked (default)": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r])))}
+                  "new: fused heads, chunked (fused_mlp=true)": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r])))}
     startup: dict[str, float] = {}
     if compile:
         compiled = torch.compile(old, dynamic=True)
@@ -174,9 +174,9 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
     at the configured resolution and sample budget (rows without a suffix: as configured). With
     ``compare`` every row also for the previous paths, interleaved on the same system: "[old]"
-    (hash grid ``fused=False``, two-head MLPs ``fused_mlp=False``, no skipping: before session 6),
-    "[fused grid]" (fused grid, two-head MLPs: session 6's default) and "[skip]" / "[no skip]"
-    (as configured with ``renderer.skip_empty_space`` flipped); ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
+    (hash grid ``fused=False``, two-head MLPs, no skipping: before session 6), "[fused mlp]" (the
+    configured grid with ``fused_mlp=True``) and "[fused mlp + skip]" (also
+    ``renderer.skip_empty_space``); generators without the MLP switch get "[skip]"; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
     from amortized3d.cameras import CameraBatch, orbit_cameras
     from amortized3d.evaluation.orbit import Orbit
 
@@ -226,10 +226,10 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     if compare:  # + the previous paths and skipping on, each row's variants next to each other
         now = (all(g.fused for g in grids), bool(getattr(gen, "fused_mlp", False)))
         skip_now = system.renderer.skip_empty_space
-        variants = {"[old]": (False, False, False), "[fused grid]": (True, False, False), "": (*now, skip_now),
-                    "[no skip]" if skip_now else "[skip]": (*now, not skip_now)}
+        variants = {"[old]": (False, False, False), "": (*now, skip_now),
+                    "[fused mlp]": (now[0], True, False), "[fused mlp + skip]": (now[0], True, True)}
         if not has_mlp_switch:  # e.g. 3DConv-net: no generated MLP heads to fuse
-            del variants["[fused grid]"]
+            variants = {"[old]": (False, False, False), "": (*now, skip_now), "[skip]": (*now, True)}
         candidates = {f"{k} {v}".rstrip(): configured(fn, *flags) for k, fn in candidates.items()
                       for v, flags in variants.items()}
     times = time_interleaved(candidates, rounds=rounds)

@@ -41,5 +41,5 @@ def test_mlp_benchmark_rows():
     rows = bench_mlp(fields=2, points=300, rounds=1)
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["old: two heads, batched_mlp"]["speedup_vs_old"] == 1.0
-    assert {"fused heads, one pass", "new: fused heads, chunked (default)"} <= set(by_variant)
+    assert {"fused heads, one pass", "new: fused heads, chunked (fused_mlp=true)"} <= set(by_variant)
     assert all(r["seconds"] > 0 for r in rows)

@@ -121,7 +121,7 @@ def test_fused_field_equals_the_previous_two_head_path(kind):
     else:
         gen = IngpGenerator(4, encoding=ENC, mlp_hidden=16).double()
         args = (None, torch.tensor([2, 0, 3]))
-    assert gen.fused_mlp
+    assert not gen.fused_mlp  # off by default (see HyperIngpGenerator)
     with torch.no_grad():
         gen.encoding.table.normal_()
     x = torch.rand(3, 200, 3, dtype=torch.float64) * 2 - 1

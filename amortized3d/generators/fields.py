@@ -26,9 +26,9 @@ class HashGridField:
     Field b uses encoding instance ``instance_ids[b]`` (None: a shared grid) and weights
     ``w[b]`` of every [B,out,in] weight tensor; all B fields are evaluated in one pass.
 
-    ``fused_mlp`` (default) evaluates both heads as one network in cache-sized chunks
+    ``fused_mlp`` (off by default, see HyperIngpGenerator) evaluates both heads as one network in cache-sized chunks
     (:func:`~amortized3d.generators.mlp.chunked_mlp` on :func:`~amortized3d.generators.mlp.fuse_heads`;
-    ~3x faster forward, ~4x forward+backward on CPU); False keeps the previous two
+    2-3x faster forward+backward on CPU); False (default) keeps the previous two
     :func:`~amortized3d.generators.mlp.batched_mlp` passes (equal within fp32 rounding; tests).
     """
 
@@ -43,7 +43,7 @@ class HashGridField:
         activation: Activation = "relu",
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
-        fused_mlp: bool = True,
+        fused_mlp: bool = False,
     ) -> None:
         if sdf_bias not in ("sphere", "none"):
             raise ValueError(f"sdf_bias must be sphere|none, got {sdf_bias!r}")

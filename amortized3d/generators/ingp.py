@@ -31,7 +31,7 @@ class IngpGenerator(Generator):
         activation: Activation = "relu",
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
-        fused_mlp: bool = True,
+        fused_mlp: bool = False,
     ) -> None:
         super().__init__()
         enc_kwargs = dict(encoding or {})
@@ -46,8 +46,10 @@ class IngpGenerator(Generator):
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
-        # Both heads as one chunked network (fields.HashGridField); False: the previous two
-        # batched passes, kept for comparison (scripts/benchmark.py --only render).
+        # True: both heads as one chunked network (fields.HashGridField; 2-3x faster MLPs on CPU,
+        # equal to the two-head path to 1e-10 in float64). Off by default: one 300-step quickstart
+        # with it (and skipping off) ended at R@1 0.69 (docs/results.md, session 7) and it has not
+        # been re-run on idle cores; with renderer.skip_empty_space it reached 1.000 / 0.926.
         self.fused_mlp = bool(fused_mlp)
 
     def forward(self, text_emb: Tensor | None, prompt_ids: Tensor, z: Tensor | None = None) -> HashGridField:
