@@ -10,7 +10,7 @@ from conftest import compose
 
 def _generator_state(ckpt_path) -> dict:
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("generator.")}
+    return {k: v for k, v in state.items() if k.startswith("model.generator.")}
 
 
 @pytest.mark.parametrize("mlp", [[], ["+generator.fused_mlp=true"]], ids=["two_head_mlp", "fused_mlp"])
