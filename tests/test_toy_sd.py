@@ -98,21 +98,11 @@ def test_a_built_toy_is_sd21s_layout_and_loads_through_the_sd_prior(tmp_path, pr
     assert (path / "toy_sd.json").stat().st_mtime_ns == mtime
 
 
-def test_corpus_world_scores_the_primitives_corpus_whatever_the_prior():
-    from amortized3d.corpora import Corpus
-    from amortized3d.evaluation.final import corpus_world
-
-    world = PrimitivesWorld()
-    splits = world.corpus_splits()
-    assert corpus_world(Corpus("primitives", splits, None, "")) == world
-    assert corpus_world(Corpus("mg15", splits, None, "")) is None
-    assert corpus_world(Corpus("primitives", {"train": ("a photo of a dog",)}, None, "")) is None
-
-
 def test_sd_prior_on_the_primitives_corpus_is_scored_by_the_oracle(tmp_path, cache_dir, tiny_sd):
     """Deliver 4 of issue 14: a Stable Diffusion run on data=primitives writes oracle metrics at the end."""
-    from amortized3d.evaluation.final import evaluate_run
     from amortized3d.build import build_system
+    from amortized3d.evaluation.final import evaluate_run
+    from amortized3d.scenes.world import build_world
     from conftest import compose
     from sd_helpers import sd_overrides
 
@@ -120,7 +110,7 @@ def test_sd_prior_on_the_primitives_corpus_is_scored_by_the_oracle(tmp_path, cac
                   "evaluation.num_views=2", tiny=False)
     system, prior, corpus = build_system(cfg)
     assert getattr(prior, "world", None) is None
-    metrics = evaluate_run(system.model, prior, corpus, cfg.evaluation, tmp_path)
+    metrics = evaluate_run(system.model, build_world(cfg), corpus, cfg.evaluation, tmp_path)
     assert metrics["evaluation"]["scorer"] == "oracle"
     val = metrics["oracle"]["val"]
     assert len(val["per_prompt"]) == len(corpus.unique("val")) and 0.0 <= val["overall"]["r_at_1"] <= 1.0
