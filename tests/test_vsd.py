@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from amortized3d.cameras import sample_cameras
 from amortized3d.guidance.base import GuidanceInput
+from amortized3d.guidance.sds import SDSGuidance
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
 from amortized3d.priors.gaussian import GaussianPrior
 from amortized3d.priors.score_models import GaussianScoreModel, ScoreModel, SmallUNetScoreModel
@@ -180,9 +181,12 @@ def test_update_order_hooks():
     prior, model, *_ = setup("gaussian")
     after = VSDGuidance(prior, copy.deepcopy(model))
     joint = VSDGuidance(prior, copy.deepcopy(model), update_order="joint")
-    assert (after.update_order, joint.update_order) == ("after", "joint")
-    assert LVSDGuidance(prior, copy.deepcopy(model), score_steps=3).update_order == "before"
-    assert L2VSDGuidance(prior, copy.deepcopy(model)).update_order == "after"
+    assert (after.auxiliary.order, joint.auxiliary.order) == ("after", "joint")
+    lvsd = LVSDGuidance(prior, copy.deepcopy(model), score_steps=3)
+    assert (lvsd.auxiliary.order, lvsd.auxiliary.steps, lvsd.auxiliary.reuses_gradient) == ("before", 3, False)
+    l2vsd = L2VSDGuidance(prior, copy.deepcopy(model))
+    assert (l2vsd.auxiliary.order, l2vsd.auxiliary.reuses_gradient) == ("after", True)
+    assert SDSGuidance(prior).auxiliary is None  # nothing of its own to train
     for bad in [lambda: VSDGuidance(prior, model, update_order="before"),
                 lambda: LVSDGuidance(prior, model, update_order="after"),
                 lambda: VSDGuidance(prior, model, update_order="joint", score_steps=2),
@@ -190,11 +194,11 @@ def test_update_order_hooks():
                 lambda: L2VSDGuidance(prior, model, eta=0.0)]:
         with pytest.raises(ValueError):
             bad()
-    (group,) = after.auxiliary_parameter_groups()
+    (group,) = after.auxiliary.parameter_groups()
     assert [id(p) for p in group["params"]] == [id(p) for p in after.score_model.trainable_parameters().values()]
-    assert after.auxiliary_optimizer_config() == {"name": "adamw", "lr": 1e-4}
+    assert after.auxiliary.optimizer == {"name": "adamw", "lr": 1e-4}
     tuned = VSDGuidance(prior, copy.deepcopy(model), score_optimizer={"lr": 1e-3, "betas": [0.9, 0.99]})
-    assert tuned.auxiliary_optimizer_config() == {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99]}
+    assert tuned.auxiliary.optimizer == {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99]}
 
 
 @pytest.mark.parametrize("order", ["after", "joint"])
@@ -203,13 +207,13 @@ def test_auxiliary_loss_trains_only_the_score_model(order):
     prior, model, x0, *_ = setup("gaussian")
     guidance = VSDGuidance(prior, model, update_order=order, guidance_scale=1.0)
     x = x0.clone().requires_grad_(True)
-    aux = guidance.auxiliary_loss(make_input(x.detach(), 3, seed=2))
+    aux = guidance.auxiliary.loss(make_input(x.detach(), 3, seed=2))
     assert set(aux.losses) == {"score"} and aux.losses["score"].shape == (3,)
     aux.losses["score"].mean().backward()
     separate = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     total = guidance(make_input(x, 3, seed=1)).losses["vsd"].sum() \
-        + guidance.auxiliary_loss(make_input(x.detach(), 3, seed=2)).losses["score"].mean()
+        + guidance.auxiliary.loss(make_input(x.detach(), 3, seed=2)).losses["score"].mean()
     total.backward()
     for p, g in zip(model.parameters(), separate):
         torch.testing.assert_close(p.grad, g)
@@ -250,8 +254,10 @@ class RecordingL2VSD(L2VSDGuidance):
     seen: list[dict[str, torch.Tensor]] = []
 
     def forward(self, inp):
-        assert inp.auxiliary_gradients is not None, "the system must hand L²-VSD this step's score gradient"
-        RecordingL2VSD.seen.append({n: g.clone() for n, g in inp.auxiliary_gradients.items()})
+        handed = self.auxiliary.handed
+        assert handed is not None, "the system must hand L²-VSD this step's score gradient"
+        assert handed.items == inp.rgb.shape[0]  # one process: the mean is over this step's renders
+        RecordingL2VSD.seen.append({n: g.clone() for n, g in handed.gradients.items()})
         return super().forward(inp)
 
 
@@ -279,7 +285,7 @@ def test_lookahead_tangent_from_a_given_gradient_equals_the_standalone_lookahead
     guidance = L2VSDGuidance(prior, model, eta=0.05)
     standalone = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
     model.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()  # the system's item mean
-    handed = guidance.tangent_from_gradient(guidance.auxiliary_gradients(), num_items=x0.shape[0])
+    handed = guidance.tangent_from_gradient(guidance.auxiliary.gradients(), num_items=x0.shape[0])
     for n in standalone:
         torch.testing.assert_close(handed[n], standalone[n])
 
@@ -336,9 +342,9 @@ def test_l2vsd_amortized_batch_gives_each_render_its_full_correction_plus_cross_
     grads = [torch.autograd.grad(per_item[m], list(params.values()), retain_graph=True) for m in range(n)]
     grads = [dict(zip(params, g)) for g in grads]
     mean_grad = {k: sum(g[k] for g in grads) / n for k in params}  # what the system hands over
-    inp = make_input(x0, n)
-    inp.auxiliary_gradients = mean_grad
-    _, delta = guidance.score_estimate(x_t, t, x0, cond, cam, inp)
+    with guidance.auxiliary.handing_over(mean_grad, items=n):
+        _, delta = guidance.score_estimate(x_t, t, x0, cond, cam, make_input(x0, n))
+    assert guidance.auxiliary.handed is None  # only for the duration of the forward
 
     def shift(tangent):
         return linearized_shift(model, tangent, x_t, t, cond, cam)[1]  # exact jvp
@@ -380,14 +386,13 @@ def test_l2vsd_jvp_option_is_validated_and_shipped():
 
 def test_l2vsd_scales_a_rank_averaged_gradient_by_all_ranks_items():
     """Under DDP the system hands over the gradient averaged over ranks (the mean over N x world
-    renders) and says so (``auxiliary_gradient_items``): the lookahead is then on the sum over all
+    renders) and says so (``HandedGradient.items``): the lookahead is then on the sum over all
     ranks' renders, so each render keeps its full Eq. 7 term instead of 1/world of it."""
     prior, model, x0, x_t, t, cond, cam = setup("unet", n=3)
     guidance = L2VSDGuidance(prior, model, eta=0.05)
     mean_grad = {k: torch.randn_like(p) for k, p in model.trainable_parameters().items()}
-    one_rank, two_ranks = make_input(x0, 3), make_input(x0, 3)
-    one_rank.auxiliary_gradients = two_ranks.auxiliary_gradients = mean_grad
-    two_ranks.auxiliary_gradient_items = 6  # 3 renders here x world size 2
-    _, delta_one = guidance.score_estimate(x_t, t, x0, cond, cam, one_rank)
-    _, delta_two = guidance.score_estimate(x_t, t, x0, cond, cam, two_ranks)
+    with guidance.auxiliary.handing_over(mean_grad, items=3):  # one rank, 3 renders
+        _, delta_one = guidance.score_estimate(x_t, t, x0, cond, cam, make_input(x0, 3))
+    with guidance.auxiliary.handing_over(mean_grad, items=6):  # 3 renders here x world size 2
+        _, delta_two = guidance.score_estimate(x_t, t, x0, cond, cam, make_input(x0, 3))
     torch.testing.assert_close(delta_two, 2 * delta_one, rtol=1e-5, atol=1e-9)

@@ -136,8 +136,6 @@ class VSDGuidance(Guidance):
     loss_name = "vsd"
     allowed_orders: tuple[str, ...] = ("after", "joint")
     default_order: AuxiliaryOrder = "after"
-    # L²-VSD: the first score update's gradient is this step's lookahead direction (AuxiliaryModel).
-    reuses_score_gradient: bool = False
 
     def __init__(self, prior: Prior, score_model: ScoreModel | ScoreModelFactory, guidance_scale: float = 7.5,
                  t_min: Any = 0.02, t_max: Any = 0.98, weighting: str = "sds", loss_weight: Any = 1.0,
@@ -158,7 +156,7 @@ class VSDGuidance(Guidance):
         self.auxiliary = AuxiliaryModel(
             model=score_model, loss=self.score_loss,
             optimizer={**DEFAULT_SCORE_OPTIMIZER, **dict(_plain(score_optimizer) or {})},
-            order=order, steps=score_steps, reuses_gradient=self.reuses_score_gradient,
+            order=order, steps=score_steps, reuses_gradient=self._reuses_score_gradient() and order == "after",
             frozen_state_keys=frozenset(f"score_model.{k}" for k in score_model.frozen_state_keys()))
 
     def score_loss(self, inp: GuidanceInput) -> GuidanceOutput:
@@ -167,6 +165,10 @@ class VSDGuidance(Guidance):
         cond, camera = self.score_condition(inp, x0)
         loss = self.score_model.loss(x0, cond, camera, inp.generator)
         return GuidanceOutput({"score": loss}, {})
+
+    def _reuses_score_gradient(self) -> bool:
+        """Whether the forward takes this step's score gradient (L²-VSD's lookahead, AuxiliaryModel)."""
+        return False
 
     # --- the distillation gradient ---------------------------------------------------------------
     def score_condition(self, inp: GuidanceInput, like: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -233,10 +235,14 @@ class L2VSDGuidance(VSDGuidance):
     """
 
     loss_name = "l2vsd"
-    reuses_score_gradient = True
 
-    def __init__(self, prior: Prior, score_model: ScoreModel, eta: float = 1e-2, last_layer_only: bool = False,
-                 jvp: str = "exact", fd_relative_step: float | None = None, **kwargs: Any):
+    def __init__(self, prior: Prior, score_model: ScoreModel | ScoreModelFactory, eta: float = 1e-2,
+                 last_layer_only: bool = False, jvp: str = "exact", fd_relative_step: float | None = None,
+                 reuse_score_gradient: bool = True, **kwargs: Any):
+        # reuse_score_gradient: the lookahead direction is the gradient of the score step taken after
+        # theta (handed over by the executor: no extra backward). False: a draw of its own
+        # (``lookahead_tangent``, one more backward), equal in distribution.
+        self.reuse_score_gradient = bool(reuse_score_gradient)
         super().__init__(prior, score_model, **kwargs)
         if eta <= 0:
             raise ValueError(f"eta must be positive, got {eta}")
@@ -248,6 +254,9 @@ class L2VSDGuidance(VSDGuidance):
         self.last_layer_only = bool(last_layer_only)
         self.jvp = jvp
         self.fd_relative_step = None if fd_relative_step is None else float(fd_relative_step)
+
+    def _reuses_score_gradient(self) -> bool:
+        return self.reuse_score_gradient
 
     def lookahead_tangent(self, x0: Tensor, cond: Tensor | None, camera: Tensor | None,
                           generator: torch.Generator | None) -> dict[str, Tensor]:
