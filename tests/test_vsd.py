@@ -228,6 +228,47 @@ def test_score_model_must_match_the_prior_space():
         VSDGuidance(prior, torch.nn.Linear(2, 2))
 
 
+def test_score_model_arrives_as_a_factory_built_with_the_prior(tmp_path, cache_dir):
+    """configs/guidance/vsd.yaml: the score model is a Hydra ``_partial_`` factory; the guidance
+    calls it with its prior, so it diffuses with the prior's own schedule (one phase, no bind)."""
+    import functools
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    cfg = compose(tmp_path, cache_dir, "guidance=vsd")
+    node = OmegaConf.to_container(cfg.guidance.score_model, resolve=True)
+    factory = hydra.utils.instantiate(node)
+    assert isinstance(factory, functools.partial)
+    prior = gaussian_prior(3 * 16 * 16, shape=(3, 16, 16))
+    model = factory(prior=prior)
+    assert model.schedule is prior.schedule
+    guidance = VSDGuidance(prior, factory)
+    assert guidance.score_model.schedule is prior.schedule and guidance.auxiliary.model is guidance.score_model
+
+
+def test_converting_the_score_model_leaves_the_priors_schedule_alone():
+    """The prior's schedule is shared by reference, not owned: ``score_model.double()`` (the 2D toy
+    does this) must not turn the prior's float32 schedule into float64 under it."""
+    prior = gaussian_prior(D, shape=(D,))
+    guidance = VSDGuidance(prior, GaussianScoreModel(D))
+    guidance.score_model.double()
+    assert prior.schedule.alphas_cumprod.dtype == torch.float32
+    built = GaussianScoreModel(D, prior=prior).double()
+    assert built.schedule is prior.schedule and prior.schedule.alphas_cumprod.dtype == torch.float32
+
+
+def test_a_built_score_model_must_diffuse_like_the_prior():
+    from amortized3d.priors.schedule import NoiseSchedule
+
+    prior = gaussian_prior(D, shape=(D,))
+    other = NoiseSchedule(NoiseSchedule.scaled_linear().alphas_cumprod.flip(0))
+    with pytest.raises(ValueError, match="noise schedule"):
+        VSDGuidance(prior, GaussianScoreModel(D, schedule=other))
+    with pytest.raises(TypeError, match="factory returned"):
+        VSDGuidance(prior, lambda prior: torch.nn.Linear(2, 2))
+
+
 # --- the real pipeline ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, overrides", [
