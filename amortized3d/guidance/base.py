@@ -18,6 +18,7 @@ from amortized3d.guidance.auxiliary import AuxiliaryModel
 from amortized3d.priors.base import Prior
 from amortized3d.schedules import Scheduled, TimestepSampler
 
+
 @dataclass
 class GuidanceInput:
     rgb: Tensor  # [N,3,H,W] renders in [0,1], N = B*V (prompt-major)
