@@ -21,7 +21,7 @@ from amortized3d.divergence import DivergenceGuard
 from amortized3d.guidance.base import GuidanceInput
 from amortized3d.optim import build_optimizer
 from amortized3d.toys import gaussian_2d
-from amortized3d.train import build_system
+from amortized3d.build import build_system
 from amortized3d.update_order import StepParts, UpdateOrderExecutor, build_auxiliary_optimizer
 from conftest import ROOT, compose
 
