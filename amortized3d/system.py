@@ -44,7 +44,11 @@ class AmortizedSystem(L.LightningModule):
         self.text_encoder = text_encoder
         self.train_prompts = list(train_prompts)
         self._train_index = {p: i for i, p in enumerate(self.train_prompts)}
-        self.register_buffer("text_table", text_table.float(), persistent=False)
+        # Not a buffer (issue 15): a buffer is copied by .to(), broadcast by DDP and, as fp32, was a private
+        # 391 MB (100k) / 3.9 GB (1M) per rank. The table stays as given, normally the cache's fp16
+        # memory-mapped file, shared by every rank of a node through the page cache; rows are gathered
+        # on the CPU and only the batch's rows move to the device (text_rows).
+        self.text_table = text_table
         self.optimizer_config = dict(optimizer)
         # Multiplier of every group's base lr as a function of the step (a number or [[step, x], ...]).
         self.lr_scale = Scheduled.parse(self.optimizer_config.pop("lr_scale", 1.0))
@@ -75,13 +79,17 @@ class AmortizedSystem(L.LightningModule):
         """Text embeddings and prompt ids (train-corpus index, -1 when unseen) for any prompts."""
         ids = torch.tensor([self._train_index.get(p, -1) for p in prompts], device=self.device)
         if (ids >= 0).all():
-            return self.text_table[ids], ids
+            return self.text_rows(ids), ids
         if not self.generator.supports_unseen_prompts:
             unseen = [p for p, i in zip(prompts, ids.tolist()) if i < 0]
             raise ValueError(f"{type(self.generator).__name__} is a per-prompt generator and cannot render prompts "
                              f"it was not trained on: {unseen}")
-        emb = self.text_encoder.encode(list(prompts)).to(self.device, self.text_table.dtype)
+        emb = self.text_encoder.encode(list(prompts)).to(self.device, torch.float32)
         return emb, ids.clamp(min=0)
+
+    def text_rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the text table as float32 on this module's device (O(batch) copy)."""
+        return self.text_table[ids.cpu()].to(self.device, torch.float32)
 
     def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,
                compute_normals: bool = False, regularizers: Sequence[str] = (),
@@ -326,7 +334,7 @@ class AmortizedSystem(L.LightningModule):
                                  generator=step_generator(self.seed, self.batch_index, self.global_rank, "cameras"))
         cameras = cameras.to(self.device)
         order = self.guidance.update_order
-        text_emb = self.text_table[ids]
+        text_emb = self.text_rows(ids)
         z = self.generator.sample_latent(  # fresh per step, keyed by it (exact resume); None if no latent
             len(ids), step_generator(self.seed, self.batch_index, self.global_rank, "latent"))
         field = self.generator(text_emb, ids, z=z)  # once per step: shared by all views and ray samples

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from amortized3d.benchmark_steps import StepTimer
@@ -67,8 +68,8 @@ def build_system(cfg: DictConfig, corpus=None, *, with_guidance: bool = True,
     with open_dict(cfg):
         cfg.data.num_train_prompts = len(train_prompts)
     text_encoder = hydra.utils.instantiate(cfg.prior.text_encoder)
-    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(
-        text_encoder, corpus.name, train_prompts)
+    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(  # fp16 memmap, shared
+        text_encoder, corpus.name, train_prompts, dtype=torch.float16)
     generator = hydra.utils.instantiate(cfg.generator)
     renderer = hydra.utils.instantiate(cfg.renderer)
     prior = guidance = None
