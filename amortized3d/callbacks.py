@@ -16,61 +16,11 @@ class ValidationRenderWriter(L.Callback):
         self.output_dir = Path(output_dir)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        images = getattr(pl_module, "val_images", None)
-        if not trainer.is_global_zero or not images:
-            return
-        import imageio.v3 as iio
+        from amortized3d.evaluation.shard import gather_results, shard_indices
 
-        array = (images[0].permute(1, 2, 0).detach().cpu().numpy() * 255).round().astype(np.uint8)
-        path = self.output_dir / f"step_{trainer.global_step:06d}.png"
-        atomic_write(path, lambda f: iio.imwrite(f, array, extension=".png"))
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.log_image(key="val/renders", images=[array], step=trainer.global_step)
-
-
-class ValidationMetrics(L.Callback):
-    """Cheap evaluation during training: a few val prompts, a few orbit views, every validation.
-
-    ``evaluator``: ``oracle`` (ground-truth worlds), ``clip`` (open_clip; ``clip`` holds
-    model/pretrained, missing weights are an error) or ``auto`` (oracle where the prior has a
-    world, else no metrics: auto never needs downloads). Logs ``val/<evaluator>_<metric>`` to
-    every logger, writes a turntable of the first prompt to ``video_dir`` and logs it to wandb.
-    Rank 0 only; the fields are queried directly (no baking: few views are cheaper that way).
-    """
-
-    def __init__(self, evaluator: str = "auto", num_prompts: int = 4, num_views: int = 8,
-                 every_n_validations: int = 1, video_dir: str | None = None, video_fps: int = 8,
-                 clip: dict | None = None):
-        if evaluator not in ("auto", "oracle", "clip"):
-            raise ValueError(f"unknown evaluator {evaluator!r}; valid: auto, oracle, clip")
-        self.evaluator, self.num_prompts, self.num_views = evaluator, int(num_prompts), int(num_views)
-        self.every, self.video_fps = max(1, int(every_n_validations)), int(video_fps)
-        self.video_dir = Path(video_dir) if video_dir else None
-        self.clip = dict(clip or {})
-        self._scorer, self._validations = None, 0
-        self.last_metrics: dict[str, float] = {}
-
-    def _build_scorer(self, pl_module, prompts: list[str], cameras):
-        from amortized3d.evaluation.scorers import ClipScorer, OracleScorer
-
-        world = getattr(getattr(pl_module.guidance, "prior", None), "world", None)
-        if self.evaluator == "oracle" or (self.evaluator == "auto" and world is not None):
-            if world is None:
-                raise ValueError("ValidationMetrics(evaluator=oracle) needs a prior with a ground-truth world")
-            candidates = list(dict.fromkeys([*pl_module.train_prompts, *prompts]))
-            return OracleScorer(world, candidates, cameras, pl_module.renderer, bake=None)
-        if self.evaluator == "clip":
-            from amortized3d.evaluation.clip import ClipEncoder
-
-            encoder = ClipEncoder(**{"device": str(pl_module.device), **self.clip})
-            return ClipScorer(encoder, prompts, encoder.encode(prompts))
-        return None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validations += 1
         datamodule = getattr(trainer, "datamodule", None)
-        if not trainer.is_global_zero or (self._validations - 1) % self.every or datamodule is None:
+        if (self._validations - 1) % self.every or datamodule is None:  # the same decision on every rank
             return
         from amortized3d.cameras import orbit_cameras
         from amortized3d.evaluation.orbit import render_turntable, slugify
@@ -84,13 +34,13 @@ class ValidationMetrics(L.Callback):
         modes = [(m, m.training) for m in pl_module.modules()]  # render_turntable switches to eval
         if self._scorer is None:
             self._scorer = self._build_scorer(pl_module, list(all_val), cameras) or False
-        values: dict[str, list[float]] = {}
-        for i, prompt in enumerate(prompts):
+        local: dict[int, dict[str, float]] = {}
+        for i in shard_indices(len(prompts), trainer.world_size, trainer.global_rank):
+            prompt = prompts[i]
             renders = render_turntable(pl_module, prompt, cameras, bake=None)
-            if self._scorer:
-                for k, v in self._scorer.score(i, prompt, renders).items():
-                    values.setdefault(f"val/{self._scorer.name}_{k}", []).append(float(v.double().mean()))
-            if i == 0 and self.video_dir is not None:
+            local[i] = ({f"val/{self._scorer.name}_{k}": float(v.double().mean())
+                         for k, v in self._scorer.score(i, prompt, renders).items()} if self._scorer else {})
+            if i == 0 and self.video_dir is not None:  # prompt 0 is in rank 0's shard
                 path = write_video(renders, self.video_dir / f"step_{trainer.global_step:06d}_{slugify(prompt)}.mp4",
                                    fps=self.video_fps)
                 for logger in trainer.loggers:
@@ -98,8 +48,13 @@ class ValidationMetrics(L.Callback):
                         logger.log_video(key="val/turntable", videos=[str(path)], step=trainer.global_step)
         for module, training in modes:
             module.train(training)
+        rows = gather_results(local, len(prompts))  # a collective: every rank calls it
+        values: dict[str, list[float]] = {}
+        for row in rows:
+            for k, v in row.items():
+                values.setdefault(k, []).append(v)
         metrics = {k: sum(v) / len(v) for k, v in values.items()}
-        if metrics:
+        if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         self.last_metrics = metrics
