@@ -6,7 +6,9 @@ candidate embeddings are seeded Gaussians (D=512, ViT-B-16's width), the corpus 
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -14,6 +16,26 @@ import torch
 from amortized3d.benchmark import time_interleaved
 from amortized3d.data import ShardLayout, derive_seed, epoch_permutation
 from amortized3d.evaluation.retrieval import CandidateIndex, retrieve
+
+
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+_SHAPES = ("cube", "sphere", "torus", "cone", "cylinder", "pyramid", "ring", "capsule")
+
+
+def synthetic_prompts(n: int) -> list[str]:
+    """``n`` distinct made-up prompts (no third-party text): colour x shape x a number."""
+    return [f"a {_COLOURS[i % 8]} {_SHAPES[(i // 8) % 8]} number {i}" for i in range(n)]
+
+
+def synthetic_corpus(num_train: int, path: str | Path, num_val: int = 1000, num_test: int = 1000) -> Path:
+    """A corpus file in the reference JSON format ({"train": [...], "val": [...], "test": [...]})."""
+    prompts = synthetic_prompts(num_train + num_val + num_test)
+    splits = {"train": prompts[:num_train], "val": prompts[num_train:num_train + num_val],
+              "test": prompts[num_train + num_val:]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(splits))
+    return path
 
 
 def retrieve_float64_per_call(images: torch.Tensor, texts: torch.Tensor, own: torch.Tensor,

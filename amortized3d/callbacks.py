@@ -16,6 +16,61 @@ class ValidationRenderWriter(L.Callback):
         self.output_dir = Path(output_dir)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        images = getattr(pl_module, "val_images", None)
+        if not trainer.is_global_zero or not images:
+            return
+        import imageio.v3 as iio
+
+        array = (images[0].permute(1, 2, 0).detach().cpu().numpy() * 255).round().astype(np.uint8)
+        path = self.output_dir / f"step_{trainer.global_step:06d}.png"
+        atomic_write(path, lambda f: iio.imwrite(f, array, extension=".png"))
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="val/renders", images=[array], step=trainer.global_step)
+
+
+class ValidationMetrics(L.Callback):
+    """Cheap evaluation during training: a few val prompts, a few orbit views, every validation.
+
+    ``evaluator``: ``oracle`` (ground-truth worlds), ``clip`` (open_clip; ``clip`` holds
+    model/pretrained, missing weights are an error) or ``auto`` (oracle where the prior has a
+    world, else no metrics: auto never needs downloads). Logs ``val/<evaluator>_<metric>`` to
+    every logger, writes a turntable of the first prompt to ``video_dir`` and logs it to wandb.
+    The prompts are split over the ranks (issue 15: rank 0 rendered them all while the others
+    waited) and the per-prompt values gathered; rank 0 logs and writes the video. The candidates
+    are the datamodule's (bounded) val prompts. The fields are queried directly (no baking: few
+    views are cheaper that way).
+    """
+
+    def __init__(self, evaluator: str = "auto", num_prompts: int = 4, num_views: int = 8,
+                 every_n_validations: int = 1, video_dir: str | None = None, video_fps: int = 8,
+                 clip: dict | None = None):
+        if evaluator not in ("auto", "oracle", "clip"):
+            raise ValueError(f"unknown evaluator {evaluator!r}; valid: auto, oracle, clip")
+        self.evaluator, self.num_prompts, self.num_views = evaluator, int(num_prompts), int(num_views)
+        self.every, self.video_fps = max(1, int(every_n_validations)), int(video_fps)
+        self.video_dir = Path(video_dir) if video_dir else None
+        self.clip = dict(clip or {})
+        self._scorer, self._validations = None, 0
+        self.last_metrics: dict[str, float] = {}
+
+    def _build_scorer(self, pl_module, prompts: list[str], cameras):
+        from amortized3d.evaluation.scorers import ClipScorer, OracleScorer
+
+        world = getattr(getattr(pl_module.guidance, "prior", None), "world", None)
+        if self.evaluator == "oracle" or (self.evaluator == "auto" and world is not None):
+            if world is None:
+                raise ValueError("ValidationMetrics(evaluator=oracle) needs a prior with a ground-truth world")
+            candidates = list(dict.fromkeys([*pl_module.train_prompts, *prompts]))
+            return OracleScorer(world, candidates, cameras, pl_module.renderer, bake=None)
+        if self.evaluator == "clip":
+            from amortized3d.evaluation.clip import ClipEncoder
+
+            encoder = ClipEncoder(**{"device": str(pl_module.device), **self.clip})
+            return ClipScorer(encoder, prompts, encoder.encode(prompts))
+        return None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from amortized3d.evaluation.shard import gather_results, shard_indices
 
         self._validations += 1
