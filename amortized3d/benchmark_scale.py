@@ -119,7 +119,8 @@ def bench_scale(sizes: Sequence[int] | None = None, rounds: int = 3, turntable_v
         rows += bench_retrieval((turntable,), views=turntable_views, rounds=min(rounds, 2), prompts_per_round=1)
     rows += bench_data_step(data_sizes, rounds=rounds)
     table_sizes = [n for n in (sizes or (100_000, 1_000_000)) if n >= 1000]
-    return rows + bench_text_table(table_sizes, rounds=rounds) + bench_ingp_memory()
+    rows += bench_text_table(table_sizes, rounds=rounds) + bench_ingp_memory()
+    return rows + (bench_ingp_step(rounds=rounds) if sizes is None else [])  # 13,551 fields: ~1.3 GB, full runs only
 
 
 class _SyntheticEncoder:
@@ -226,3 +227,38 @@ def bench_ingp_memory(sizes: Sequence[int] = (15, 415, 13_551)) -> list[dict]:
     return [{"benchmark": "per-prompt iNGP training memory (estimate)", "variant": f"{n} prompts, paper grid",
              "parameters_per_prompt": parameters_per_prompt(), "GiB": training_bytes(n) / 2**30,
              "checkpoint_GiB": n * parameters_per_prompt() * 12 / 2**30} for n in sizes]
+
+
+_INGP_SMALL = {"n_levels": 2, "log2_hashmap_size": 12, "base_resolution": 8, "implementation": "torch"}
+
+
+def bench_ingp_step(sizes: Sequence[int] = (15, 13_551), batch: int = 2, points: int = 4096, rounds: int = 3,
+                    encoding: dict | None = None) -> list[dict]:
+    """Seconds per per-prompt iNGP update (query B fields, backward, Adam) vs the number of prompts.
+
+    The batch is the same at every size, so an O(batch) step would be flat; the dense gradient
+    and Adam over every prompt's table (issue 15 item 5, not yet sparse) make it O(prompts).
+    A small grid (2 levels, ~5.7k parameters per prompt) keeps 13,551 prompts in ~1.3 GB.
+    """
+    from amortized3d.generators.ingp import IngpGenerator, parameters_per_prompt
+
+    encoding = dict(encoding or _INGP_SMALL)
+    rows = []
+    for n in sizes:
+        gen = IngpGenerator(n, encoding, mlp_hidden=64)
+        opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
+        x = torch.rand(batch, points, 3, generator=g) * 2 - 1
+        ids = torch.randint(0, n, (batch,), generator=g)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            sigma, rgb = gen(None, ids).query(x)
+            (sigma.square().mean() + rgb.square().mean()).backward()
+            opt.step()
+
+        secs = time_interleaved({"step": step}, rounds)["step"]
+        rows.append({"benchmark": "per-prompt iNGP step", "variant": f"{n} prompts, batch {batch}, {points} points",
+                     "parameters": n * parameters_per_prompt(encoding, 64), "s_per_step": secs})
+        del gen, opt
+    return rows
