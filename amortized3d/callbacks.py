@@ -86,13 +86,12 @@ class ValidationMetrics(L.Callback):
         if not prompts:
             return
         cameras = orbit_cameras(self.num_views, pl_module.val_resolution)
-        modes = [(m, m.training) for m in pl_module.modules()]  # render_turntable switches to eval
         if self._scorer is None:
             self._scorer = self._build_scorer(pl_module, list(all_val), cameras) or False
         local: dict[int, dict[str, float]] = {}
         for i in shard_indices(len(prompts), trainer.world_size, trainer.global_rank):
             prompt = prompts[i]
-            renders = render_turntable(pl_module, prompt, cameras, bake=None)
+            renders = render_turntable(pl_module.model, prompt, cameras, bake=None)  # eval mode for the call
             local[i] = ({f"val/{self._scorer.name}_{k}": float(v.double().mean())
                          for k, v in self._scorer.score(i, prompt, renders).items()} if self._scorer else {})
             if i == 0 and self.video_dir is not None:  # prompt 0 is in rank 0's shard
@@ -101,8 +100,6 @@ class ValidationMetrics(L.Callback):
                 for logger in trainer.loggers:
                     if type(logger).__name__ == "WandbLogger":
                         logger.log_video(key="val/turntable", videos=[str(path)], step=trainer.global_step)
-        for module, training in modes:
-            module.train(training)
         rows = gather_results(local, len(prompts))  # a collective: every rank calls it
         values: dict[str, list[float]] = {}
         for row in rows:

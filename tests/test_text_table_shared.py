@@ -20,7 +20,7 @@ def _file_backed_mapping(ptr: int) -> str | None:
 
 
 def test_the_text_table_is_the_memory_mapped_fp16_cache_file(tmp_path, cache_dir):
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
 
     system, _, _ = build_system(compose(tmp_path, cache_dir))
     table = system.text_table
@@ -30,7 +30,7 @@ def test_the_text_table_is_the_memory_mapped_fp16_cache_file(tmp_path, cache_dir
     names = {n for n, _ in system.named_buffers()} | set(system.state_dict())
     assert not any("text_table" in n for n in names)  # never broadcast by DDP nor checkpointed
     ids = torch.tensor([2, 0, 1])
-    rows = system.text_rows(ids)
+    rows = system.model.text_rows(ids)
     assert rows.dtype == torch.float32 and torch.equal(rows, table[ids].float())
     emb, got = system.embed([system.train_prompts[i] for i in ids.tolist()])
     assert torch.equal(emb, rows) and torch.equal(got.cpu(), ids)
