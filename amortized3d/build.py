@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from amortized3d.cameras import CameraRanges
@@ -61,8 +62,8 @@ def build_model(cfg: DictConfig, corpus: Corpus, train_prompts: Sequence[str] | 
     with open_dict(cfg):
         cfg.data.num_train_prompts = len(train_prompts)
     text_encoder = hydra.utils.instantiate(cfg.prior.text_encoder)
-    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(
-        text_encoder, corpus.name, train_prompts)
+    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(  # fp16 memmap, shared
+        text_encoder, corpus.name, train_prompts, dtype=torch.float16)
     generator = hydra.utils.instantiate(cfg.generator)
     renderer = hydra.utils.instantiate(cfg.renderer)
     return AmortizedModel(generator, renderer, text_encoder, train_prompts, text_table,

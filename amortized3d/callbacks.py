@@ -36,7 +36,10 @@ class ValidationMetrics(L.Callback):
     ``clip`` holds model/pretrained, missing weights are an error) or ``auto`` (oracle where there is
     a world, else no metrics: auto never needs downloads). Logs ``val/<evaluator>_<metric>`` to
     every logger, writes a turntable of the first prompt to ``video_dir`` and logs it to wandb.
-    Rank 0 only; the fields are queried directly (no baking: few views are cheaper that way).
+    The prompts are split over the ranks (issue 15: rank 0 rendered them all while the others
+    waited) and the per-prompt values gathered; rank 0 logs and writes the video. The candidates
+    are the datamodule's (bounded) val prompts. The fields are queried directly (no baking: few
+    views are cheaper that way).
     """
 
     def __init__(self, evaluator: str = "auto", num_prompts: int = 4, num_views: int = 8,
@@ -68,9 +71,11 @@ class ValidationMetrics(L.Callback):
         return None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from amortized3d.evaluation.shard import gather_results, shard_indices
+
         self._validations += 1
         datamodule = getattr(trainer, "datamodule", None)
-        if not trainer.is_global_zero or (self._validations - 1) % self.every or datamodule is None:
+        if (self._validations - 1) % self.every or datamodule is None:  # the same decision on every rank
             return
         from amortized3d.cameras import orbit_cameras
         from amortized3d.evaluation.orbit import render_turntable, slugify
@@ -83,20 +88,25 @@ class ValidationMetrics(L.Callback):
         cameras = orbit_cameras(self.num_views, pl_module.val_resolution)
         if self._scorer is None:
             self._scorer = self._build_scorer(pl_module, list(all_val), cameras) or False
-        values: dict[str, list[float]] = {}
-        for i, prompt in enumerate(prompts):
+        local: dict[int, dict[str, float]] = {}
+        for i in shard_indices(len(prompts), trainer.world_size, trainer.global_rank):
+            prompt = prompts[i]
             renders = render_turntable(pl_module.model, prompt, cameras, bake=None)  # eval mode for the call
-            if self._scorer:
-                for k, v in self._scorer.score(i, prompt, renders).items():
-                    values.setdefault(f"val/{self._scorer.name}_{k}", []).append(float(v.double().mean()))
-            if i == 0 and self.video_dir is not None:
+            local[i] = ({f"val/{self._scorer.name}_{k}": float(v.double().mean())
+                         for k, v in self._scorer.score(i, prompt, renders).items()} if self._scorer else {})
+            if i == 0 and self.video_dir is not None:  # prompt 0 is in rank 0's shard
                 path = write_video(renders, self.video_dir / f"step_{trainer.global_step:06d}_{slugify(prompt)}.mp4",
                                    fps=self.video_fps)
                 for logger in trainer.loggers:
                     if type(logger).__name__ == "WandbLogger":
                         logger.log_video(key="val/turntable", videos=[str(path)], step=trainer.global_step)
+        rows = gather_results(local, len(prompts))  # a collective: every rank calls it
+        values: dict[str, list[float]] = {}
+        for row in rows:
+            for k, v in row.items():
+                values.setdefault(k, []).append(v)
         metrics = {k: sum(v) / len(v) for k, v in values.items()}
-        if metrics:
+        if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         self.last_metrics = metrics

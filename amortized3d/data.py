@@ -37,6 +37,21 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def validation_subset(prompts: Sequence[str], max_prompts: int | None, seed: int = 0) -> list[str]:
+    """At most ``max_prompts`` of ``prompts``: a seeded sample kept in corpus order (issue 15).
+
+    The seed is not the run's: every run and method on a corpus validates the same prompts, so
+    their curves compare. A ``.txt`` corpus's val split is the whole list (100k renders per
+    validation otherwise); ``None`` keeps everything.
+    """
+    prompts = list(prompts)
+    if max_prompts is None or len(prompts) <= int(max_prompts):
+        return prompts
+    g = torch.Generator().manual_seed(derive_seed("validation-subset", seed, len(prompts)))
+    keep = sorted(torch.randperm(len(prompts), generator=g)[:int(max_prompts)].tolist())
+    return [prompts[i] for i in keep]
+
+
 def step_generator(seed: int, step: int, rank: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
     """Per-step, per-rank RNG for one named stream (cameras, noise, ...)."""
     g = torch.Generator(device=device)
@@ -150,9 +165,11 @@ class PromptDataModule(L.LightningDataModule):
     """Train prompts (sharded stream) and validation prompts of a corpus."""
 
     def __init__(self, train_prompts: Sequence[str], val_prompts: Sequence[str], batch_size: int,
-                 seed: int = 0, shuffle: bool = True, resume_forced: bool = False):
+                 seed: int = 0, shuffle: bool = True, resume_forced: bool = False,
+                 max_val_prompts: int | None = None):
         super().__init__()
-        self.train_prompts, self.val_prompts = list(train_prompts), list(val_prompts)
+        self.train_prompts = list(train_prompts)
+        self.val_prompts = validation_subset(val_prompts, max_val_prompts)  # bounded: renders per validation
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         # resume.force=true: the user accepted a changed stream (seed, corpus); continue at the
         # saved step instead of refusing, without the exactly-once guarantee for that epoch.

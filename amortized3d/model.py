@@ -42,23 +42,32 @@ class AmortizedModel(nn.Module):
         self.text_encoder = text_encoder
         self.train_prompts = list(train_prompts)
         self._train_index = {p: i for i, p in enumerate(self.train_prompts)}
-        self.register_buffer("text_table", text_table.float(), persistent=False)  # rebuilt from the text cache
+        # Not a buffer (issue 15): a buffer is copied by .to(), broadcast by DDP and, as fp32, was a private
+        # 391 MB (100k) / 3.9 GB (1M) per rank. The table stays as given, normally the text cache's fp16
+        # memory-mapped file, shared by every rank of a node through the page cache (rebuilt from the
+        # cache, never checkpointed); rows are gathered on the CPU and only a batch's rows move (text_rows).
+        self.text_table = text_table
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)  # follows .to(device)
         self.eval_background = eval_background or SolidBackground()
 
     @property
     def device(self) -> torch.device:
-        return self.text_table.device
+        return self._device_anchor.device
+
+    def text_rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the text table as float32 on the model's device (an O(batch) copy)."""
+        return self.text_table[ids.cpu()].to(self.device, torch.float32)
 
     def embed(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Text embeddings and prompt ids (train-corpus index, -1 when unseen) for any prompts."""
         ids = torch.tensor([self._train_index.get(p, -1) for p in prompts], device=self.device)
         if (ids >= 0).all():
-            return self.text_table[ids], ids
+            return self.text_rows(ids), ids
         if not self.generator.supports_unseen_prompts:
             unseen = [p for p, i in zip(prompts, ids.tolist()) if i < 0]
             raise ValueError(f"{type(self.generator).__name__} is a per-prompt generator and cannot render prompts "
                              f"it was not trained on: {unseen}")
-        emb = self.text_encoder.encode(list(prompts)).to(self.device, self.text_table.dtype)
+        emb = self.text_encoder.encode(list(prompts)).to(self.device, torch.float32)
         return emb, ids.clamp(min=0)
 
     def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,

@@ -213,7 +213,7 @@ class AmortizedSystem(L.LightningModule):
         cameras = sample_cameras(len(prompts), self.resolution, self.camera_ranges,
                                  generator=step_generator(self.seed, self.batch_index, self.global_rank, "cameras"))
         cameras = cameras.to(self.device)
-        text_emb = self.text_table[ids]
+        text_emb = self.model.text_rows(ids)
         z = self.generator.sample_latent(  # fresh per step, keyed by it (exact resume); None if no latent
             len(ids), step_generator(self.seed, self.batch_index, self.global_rank, "latent"))
         field = self.generator(text_emb, ids, z=z)  # once per step: shared by all views and ray samples
@@ -252,16 +252,25 @@ class AmortizedSystem(L.LightningModule):
 
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Each rank renders its shard of the (bounded) val prompts; rank 0 assembles the grid."""
+        from amortized3d.evaluation.shard import gather_results, shard_indices
+
         prompts = self.renderable(self.trainer.datamodule.val_prompts)
         if not prompts:
             return
+        mine = shard_indices(len(prompts), self.trainer.world_size, self.global_rank)
         cams = orbit_cameras(self.val_views, self.val_resolution)
-        all_prompts = [p for p in prompts for _ in range(self.val_views)]
+        local: dict[int, tuple[Tensor, float]] = {}
         with torch.no_grad():
-            out = self.render(prompts, CameraBatch.cat([cams] * len(prompts)))
-        grid = _grid(out.rgb, rows=len(prompts), cols=self.val_views)
-        self.val_images = [grid]
-        self.log("val/opacity", out.opacity.mean(), batch_size=len(all_prompts))
+            if mine:
+                out = self.render([prompts[i] for i in mine], CameraBatch.cat([cams] * len(mine)))
+                for k, i in enumerate(mine):
+                    views = slice(k * self.val_views, (k + 1) * self.val_views)
+                    local[i] = (out.rgb[views].cpu(), float(out.opacity[views].mean()))
+        rows = gather_results(local, len(prompts))  # every prompt exactly once, in order
+        rgb = torch.cat([r for r, _ in rows]).to(self.device)
+        self.val_images = [_grid(rgb, rows=len(prompts), cols=self.val_views)]
+        self.log("val/opacity", sum(o for _, o in rows) / len(rows), batch_size=len(prompts) * self.val_views)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -135,7 +135,8 @@ def train(cfg: DictConfig) -> dict:
         system.resume_record = {"changed": resume["changed"], "forced": resume["forced"], "from": str(ckpt_path)}
     datamodule = PromptDataModule(system.train_prompts, corpus.unique(cfg.data.val_split),
                                   batch_size=cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                                  resume_forced=bool(OmegaConf.select(cfg, "resume.force", default=False)))
+                                  resume_forced=bool(OmegaConf.select(cfg, "resume.force", default=False)),
+                                  max_val_prompts=OmegaConf.select(cfg, "data.val_max_prompts", default=None))
     timer = StepTimer()
     loggers = _instantiate_loggers(cfg.get("logger"), meta)
     if meta is not None:

@@ -20,5 +20,10 @@ def test_ddp_cpu_two_processes(tmp_path, guidance):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4
     assert (tmp_path / "metrics.json").is_file()
+    # validation is sharded over the two ranks and gathered: rank 0's grid still has every val prompt
+    import imageio.v3 as iio
+
+    grid = iio.imread(sorted((tmp_path / "renders" / "val").glob("step_*.png"))[-1])
+    assert grid.shape[0] == 12 * grid.shape[1] // 2  # 12 primitives val prompts x 2 views (system.val_views=2)
     if guidance == "l2vsd":  # the score model was trained (its optimizer state is checkpointed)
         assert ckpt["amortized3d"]["auxiliary_optimizer"]["state"]

@@ -157,8 +157,9 @@ def test_two_process_gloo_evaluation_matches_one_process(tmp_path, cache_dir, ch
     import subprocess
     import sys
 
-    args = [f"ckpt_path={checkpoint}", f"paths.cache_dir={cache_dir}", "render.num_views=4", "device=cpu",
-            "split=val", *TINY_CLIP]
+    # A cold cache for the two ranks: rank 1 waits for rank 0's text and CLIP caches (no barrier, no re-encode).
+    args = [f"ckpt_path={checkpoint}", f"paths.cache_dir={tmp_path / 'cold_cache'}", "render.num_views=4",
+            "device=cpu", "split=val", *TINY_CLIP]
     single = evaluate(compose_evaluate(tmp_path / "one", cache_dir, checkpoint, *TINY_CLIP, "split=val"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "scripts" / "evaluate.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"]
@@ -168,6 +169,9 @@ def test_two_process_gloo_evaluation_matches_one_process(tmp_path, cache_dir, ch
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2
     assert two["clip"] == single["clip"]
+    cold = tmp_path / "cold_cache"
+    assert {p.parent.name for p in cold.rglob("*.npy")} >= {"text", "clip_text"}  # both built cold, once
+    assert not list(cold.rglob("*.tmp")) and not list(cold.rglob("*.building"))
     assert (tmp_path / "two" / "per_prompt.csv").read_text() == (tmp_path / "one" / "per_prompt.csv").read_text()
     assert sorted(p.name for p in (tmp_path / "two" / "grids").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "grids").iterdir())

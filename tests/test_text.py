@@ -167,14 +167,5 @@ def test_ddp_protocol_builder_then_barrier(tmp_path):
     assert torch.equal(results[0], results[1])
 
 
-def test_non_builder_without_cache_encodes_in_memory(tmp_path):
-    enc, calls = CountingEncoder(), []
-    with pytest.warns(RuntimeWarning, match="encoding in memory"):
-        out = EmbeddingCache(tmp_path).load_or_build(enc, "toy", PROMPTS, barrier=lambda: calls.append(1),
-                                                     is_builder=False)
-    assert calls == [1] and _files(tmp_path) == []  # a non-builder never writes
-    assert torch.equal(out, enc.encode(PROMPTS).half().float())
-
-
 def test_empty_corpus(tmp_path):
     assert EmbeddingCache(tmp_path).load_or_build(CountingEncoder(), "toy", []).shape == (0, 64)

@@ -62,20 +62,23 @@ class OracleScorer:
 
 
 def clip_text_embeddings(encoder, corpus_name: str, candidates: Sequence[str], cache_dir: str | Path | None,
-                         batch_size: int = 256) -> Tensor:
+                         batch_size: int = 256, wait_timeout_s: float | None = None) -> Tensor:
     """Candidate text embeddings, computed once in batches and cached on disk (keyed by model+prompts).
 
-    Every rank calls this; rank 0 builds, the others wait at a barrier and load the same file.
+    Every rank calls this. No barrier (issue 15: one with the process group's default timeout killed
+    rank 0 during a 2.6 h ViT-B-16 build at 100k): each node's local rank 0 takes the cache's build
+    lock and encodes with progress; the other ranks poll for the published file, log the builder's
+    progress, and raise a clear error after ``wait_timeout_s`` (default: the cache's generous one)
+    or when the builder dies. They never encode the candidates themselves.
     """
-    from amortized3d.evaluation.shard import distributed_context
+    from amortized3d.text.cache import DEFAULT_WAIT_TIMEOUT_S, local_rank_from_env
 
     if cache_dir is None:
         return torch.cat([encoder.encode(list(candidates[i:i + batch_size]))
                           for i in range(0, len(candidates), batch_size)])
-    rank, world = distributed_context()
-    barrier = torch.distributed.barrier if world > 1 else None
     return EmbeddingCache(Path(cache_dir) / "clip_text").load_or_build(
-        encoder, corpus_name, list(candidates), batch_size=batch_size, barrier=barrier, is_builder=rank == 0)
+        encoder, corpus_name, list(candidates), batch_size=batch_size, is_builder=local_rank_from_env() == 0,
+        wait_timeout_s=DEFAULT_WAIT_TIMEOUT_S if wait_timeout_s is None else float(wait_timeout_s))
 
 
 def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, world, orbit,
@@ -89,7 +92,8 @@ def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, world, orbit,
         encoder = ClipEncoder(cfg.model, cfg.get("pretrained"), device=str(device), cache_dir=cfg.get("cache_dir"),
                               seed=int(cfg.get("seed", 0)), config_dirs=list(cfg.get("config_dirs") or []),
                               image_batch=int(cfg.get("image_batch", 64)))
-        text = clip_text_embeddings(encoder, corpus.name, candidates, cache_dir, int(cfg.get("text_batch", 256)))
+        text = clip_text_embeddings(encoder, corpus.name, candidates, cache_dir, int(cfg.get("text_batch", 256)),
+                                    cfg.get("text_cache_timeout_s"))
         return ClipScorer(encoder, candidates, text, int(cfg.get("image_chunk", 2048)), int(cfg.get("text_chunk", 8192)))
     if name == "oracle":
         if world is None:

@@ -4,17 +4,84 @@ This is the non-amortized baseline (DreamFusion/Magic3D-style optimisation of on
 prompt), batched so that B prompts still train in one pass: the P hash grids are instances
 of one HashGridEncoding and the P networks are stacked parameters [P, out, in] gathered by
 prompt id. It cannot represent prompts it was not trained on.
+
+Memory grows with the number of prompts: at the paper's encoding (16 levels x 2 features,
+2^19 rows) one prompt holds ~12.6M table parameters, so 415 prompts need ~100 GB to train.
+The constructor estimates it first (:func:`training_bytes`) and refuses with the numbers
+instead of dying in an allocation or in the OOM killer (issue 15).
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from amortized3d.generators.base import Generator
-from amortized3d.generators.encodings import HashGridEncoding
+from amortized3d.generators.encodings import HashGridEncoding, level_layout, level_resolutions
 from amortized3d.generators.fields import HashGridField, SdfBias
-from amortized3d.generators.mlp import Activation, kaiming_weights, mlp_shapes
+from amortized3d.generators.mlp import Activation, kaiming_weights, mlp_shapes, num_weights
+
+# Bytes a float32 trained parameter costs during training: the weight, its gradient, Adam's two
+# moments and the divergence guard's pre-step copy (system._checked_step): 5 x 4 bytes.
+TRAINING_BYTES_PER_PARAMETER = 20
+_ENCODING_DEFAULTS = {"n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19, "base_resolution": 16,
+                      "per_level_scale": 1.447}
+
+
+class IngpTooLargeError(MemoryError):
+    """The per-prompt iNGP would not fit in memory (raised before allocating anything)."""
+
+
+def parameters_per_prompt(encoding: Mapping[str, Any] | None = None, mlp_hidden: int = 64) -> int:
+    """Trained parameters of one prompt's field: its hash-grid rows x features + both MLP heads."""
+    enc = {**_ENCODING_DEFAULTS, **{k: v for k, v in dict(encoding or {}).items() if k in _ENCODING_DEFAULTS}}
+    res = level_resolutions(int(enc["n_levels"]), int(enc["base_resolution"]), float(enc["per_level_scale"]))
+    _, rows, _ = level_layout(res, 2 ** int(enc["log2_hashmap_size"]))
+    feat = int(enc["n_levels"]) * int(enc["n_features_per_level"])
+    heads = num_weights(mlp_shapes(feat, mlp_hidden, 1)) + num_weights(mlp_shapes(feat, mlp_hidden, 3))
+    return sum(rows) * int(enc["n_features_per_level"]) + heads
+
+
+def training_bytes(num_prompts: int, encoding: Mapping[str, Any] | None = None, mlp_hidden: int = 64) -> int:
+    """Memory to train ``num_prompts`` per-prompt fields: parameters x TRAINING_BYTES_PER_PARAMETER."""
+    return num_prompts * parameters_per_prompt(encoding, mlp_hidden) * TRAINING_BYTES_PER_PARAMETER
+
+
+def available_bytes() -> tuple[int, str]:
+    """(bytes, where): the smaller of this host's MemAvailable and, with CUDA, the current device's free memory."""
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        found.append((int(info["MemAvailable"]) * 1024, "host MemAvailable"))
+    except (OSError, KeyError, ValueError, IndexError):
+        found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host physical memory"))
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        found.append((int(free), f"free memory of cuda:{torch.cuda.current_device()}"))
+    return min(found)
+
+
+def check_fits(num_prompts: int, encoding: Mapping[str, Any] | None, mlp_hidden: int,
+               available: tuple[int, str] | None = None) -> int:
+    """Raise :class:`IngpTooLargeError` when training would need more memory than is available."""
+    need = training_bytes(num_prompts, encoding, mlp_hidden)
+    have, where = available or available_bytes()
+    if need > have:
+        per = parameters_per_prompt(encoding, mlp_hidden)
+        fit = max(0, have // (per * TRAINING_BYTES_PER_PARAMETER))
+        log2 = int(dict(encoding or {}).get("log2_hashmap_size", _ENCODING_DEFAULTS["log2_hashmap_size"]))
+        raise IngpTooLargeError(
+            f"per-prompt iNGP for {num_prompts} prompts needs {need / 2**30:.1f} GiB to train "
+            f"({per:,} parameters per prompt x {TRAINING_BYTES_PER_PARAMETER} bytes: weight, gradient, Adam "
+            f"moments, rollback copy) but only {have / 2**30:.1f} GiB are available ({where}); at most "
+            f"{fit} prompts fit. Train one prompt per run (experiment/*_per_prompt), lower "
+            f"generator.encoding.log2_hashmap_size (now {log2}; each step down roughly halves the table), "
+            f"or use an amortized generator (hyper_ingp, conv3d). generator.check_memory=false skips this check.")
+    return need
 
 
 class IngpGenerator(Generator):
@@ -32,8 +99,11 @@ class IngpGenerator(Generator):
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
         fused_mlp: bool = False,
+        check_memory: bool = True,
     ) -> None:
         super().__init__()
+        if check_memory:  # before any allocation: a refusal with numbers, not an OOM kill
+            check_fits(num_prompts, encoding, mlp_hidden)
         enc_kwargs = dict(encoding or {})
         enc_kwargs["num_instances"] = num_prompts  # one table per prompt, whatever the config
         self.num_prompts = num_prompts
