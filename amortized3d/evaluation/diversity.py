@@ -2,15 +2,18 @@
 
 ProlificDreamer's claim (§3.2, App. D.3): VSD's particles are samples of the prompt's distribution of
 scenes, where SDS's mode seeking collapses them. On the open primitives world (scenes/open_world.py)
-that is measurable. For each particle (its orbit renders x_1..x_V):
+that is measurable. For each particle (its orbit renders x_1..x_V), each view's nearest reference over
+all references of all objects (every view of every object) names an object; the particle's
 
-    D(o) = (1/V) sum_v min_{r in refs(o)} mse(x_v, r)      (nearest reference of object o, over all views)
-    object = argmin_o D(o) over every object of the world,
+    object    = the object most of its views name (ties: the smaller D(o)),
+    agreement = the fraction of views that name it,
+    PSNR      = -10 log10 D(object),   D(o) = (1/V) sum_v min_{r in refs(o)} mse(x_v, r).
 
-``agreement`` = the fraction of views whose own nearest reference (over all objects) is of that
-object, and PSNR = -10 log10 D(object). The particle LANDS on its object when the object is in the
-prompt's set and agreement >= ``min_agreement`` (default 1/2: most views see that one object); any
-other particle is a blend (mixes objects across views) or off the set. Per prompt:
+The particle LANDS on its object when the object is in the prompt's set and agreement >=
+``min_agreement`` (default 1/2); any other particle is a blend (a different object from different
+views) or off the set. The vote, not argmin_o D(o), names the object: a cube that is red from 2 views
+and blue from 6 has its smallest mean distance to the PURPLE cube (purple lies between red and blue),
+which none of its views shows (tests/test_diversity.py). Per prompt:
 
     modes_covered = |{valid objects some particle landed on}| / |valid objects|
     blends        = number of particles that landed on no valid object
@@ -52,9 +55,11 @@ def particle_landing(renders: Tensor, references: Tensor, reference_objects: Ten
     objects = torch.unique(reference_objects)
     nearest = torch.stack([mse[:, reference_objects == o].min(dim=1).values for o in objects], dim=1)  # [V, O]
     distance = nearest.mean(0)  # D(o)
-    best = int(distance.argmin())
+    votes = torch.bincount(nearest.argmin(dim=1), minlength=len(objects))
+    tied = (votes == votes.max()).nonzero().flatten()
+    best = int(tied[distance[tied].argmin()])
     obj = int(objects[best])
-    agreement = float((nearest.argmin(dim=1) == best).double().mean())
+    agreement = float(votes[best]) / len(renders)
     psnr = float(-10.0 * torch.log10(distance[best].clamp_min(1e-10)))
     is_valid = obj in {int(v) for v in valid}
     oracle = oracle_views(renders, references, reference_objects, list(valid))
