@@ -142,6 +142,12 @@ def test_training_on_the_open_world_writes_the_diversity_block_and_exports_parti
     assert 0 <= cube["modes_covered"] <= cube["max_modes_covered"]
     assert cube["blends"] == sum(not p["landed"] for p in cube["particles"])
     assert metrics["diversity"] == div
+    from amortized3d.evaluation.evaluate import evaluate
+    from test_integrity import compose_task as task
+
+    again = evaluate(task("evaluate", tmp_path / "ev", cache_dir, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+                          "evaluator=oracle", "split=train"))
+    assert again["diversity"] == div  # scripts/evaluate.py measures the same particles the same way
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     frames = []
     for particle in (0, 2):
