@@ -85,3 +85,21 @@ def test_a_particle_that_changes_object_across_views_is_a_blend(references):
     assert block["modes_covered"] == 0.0 and block["blends"] == 2 and block["objects_hit"] == []
     assert not particle_landing(mostly, refs, ids, valid, min_agreement=0.8).landed
     assert particle_landing(mostly, refs, ids, valid, min_agreement=0.75).landed
+
+
+def test_nearest_objects_are_searched_over_the_whole_world(references):
+    from amortized3d.evaluation.diversity import world_references
+    from amortized3d.evaluation.orbit import Orbit
+    from amortized3d.evaluation.scorers import OracleScorer
+
+    orbit = Orbit(CAMERAS, RENDERER, None, {})
+    cubes_only = OracleScorer(WORLD, ["a cube"], CAMERAS, RENDERER, None)  # a corpus of one open prompt
+    assert len(torch.unique(cubes_only.objects)) == 6
+    refs, ids = world_references(WORLD, cubes_only, orbit)
+    assert torch.equal(torch.unique(ids), torch.arange(WORLD.num_objects))
+    torch.testing.assert_close(refs, references[0])
+    red_sphere = refs[ids == _obj("a red sphere")]
+    landing = particle_landing(red_sphere, refs, ids, WORLD.objects_for_prompt("a cube"))
+    assert landing.object_id == _obj("a red sphere") and not landing.landed
+    whole = OracleScorer(WORLD, WORLD.open_prompts(), CAMERAS, RENDERER, None)
+    assert world_references(WORLD, whole, orbit)[0] is whole.references  # reused, not rendered again

@@ -114,6 +114,19 @@ def wants_diversity(generator, world, prompts: Sequence[str]) -> bool:
     return num_particles(generator) > 1 or any(len(prompt_objects(world, p)) > 1 for p in prompts)
 
 
+def world_references(world, scorer, orbit) -> tuple[Tensor, Tensor]:
+    """Orbit references of EVERY object of the world: a particle's nearest object must be searched over
+    all of them, not only the objects some prompt of the corpus allows (the oracle scorer's candidates:
+    with a corpus of "a cube" alone, a red sphere would otherwise be matched among cubes). The
+    scorer's references are reused when they already cover the world."""
+    from amortized3d.evaluation.oracle import oracle_references
+
+    if scorer is not None and len(torch.unique(scorer.objects)) == world.num_objects:
+        return scorer.references, scorer.objects
+    return oracle_references(world, [world.prompt(o) for o in range(world.num_objects)], orbit.cameras,
+                             orbit.renderer, orbit.bake)
+
+
 def evaluate_diversity(system, prompts: Sequence[str], world, references: Tensor, reference_objects: Tensor,
                        render: Callable[[Any, str], Tensor], min_agreement: float = MIN_AGREEMENT
                        ) -> dict[str, Any]:

@@ -70,11 +70,11 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
         # Particles (generator.num_particles) or set-valued prompts (data=primitives_open): where each
         # particle lands among the prompt's valid objects (evaluation/diversity.py). The oracle block
         # above is each prompt's particle 0.
-        from amortized3d.evaluation.diversity import evaluate_diversity, wants_diversity
+        from amortized3d.evaluation.diversity import evaluate_diversity, wants_diversity, world_references
 
         measured = list(dict.fromkeys(p for ps in prompts_by_split.values() for p in ps))
         if wants_diversity(system.generator, world, measured):
-            metrics["diversity"] = evaluate_diversity(system, measured, world, scorer.references, scorer.objects,
+            metrics["diversity"] = evaluate_diversity(system, measured, world, *world_references(world, scorer, orbit),
                                                       orbit.render)
             overall = metrics["diversity"]["overall"]
             log.info("diversity: modes_covered %.3f (at most %.3f), %d blends of %d particles, particle R@1 %.3f",
