@@ -92,7 +92,8 @@ PARTICLES = ["generator=ingp", "generator.num_particles=3", "generator.encoding.
 def test_a_training_step_moves_only_the_drawn_particle_of_each_prompt(tmp_path, cache_dir):
     import lightning as L
 
-    from amortized3d.train import build_system, train
+    from amortized3d.build import build_system
+    from amortized3d.train import train
     from conftest import compose
 
     cfg = compose(tmp_path, cache_dir, *PARTICLES, "guidance=vsd", "trainer.max_steps=1")
@@ -102,8 +103,8 @@ def test_a_training_step_moves_only_the_drawn_particle_of_each_prompt(tmp_path, 
     cfg.data.num_train_prompts = len(corpus.unique("train"))
     start = {k: v.detach().clone() for k, v in build_system(cfg, corpus)[0].generator.named_parameters()}
     train(compose(tmp_path, cache_dir, *PARTICLES, "guidance=vsd", "trainer.max_steps=1"))
-    after = {k[len("generator."):]: v for k, v in _state(tmp_path / "checkpoints" / "last.ckpt").items()
-             if k.startswith("generator.")}
+    after = {k[len("model.generator."):]: v for k, v in _state(tmp_path / "checkpoints" / "last.ckpt").items()
+             if k.startswith("model.generator.")}
     moved = {i for k, v in start.items() for i in range(v.shape[0]) if not torch.equal(v[i], after[k][i])}
     prompts = {i // 3 for i in moved}
     assert len(moved) == 3 and len(prompts) == 3  # 3 prompts, each moved in exactly one of its particles

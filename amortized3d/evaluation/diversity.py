@@ -127,24 +127,25 @@ def world_references(world, scorer, orbit) -> tuple[Tensor, Tensor]:
                              orbit.renderer, orbit.bake)
 
 
-def evaluate_diversity(system, prompts: Sequence[str], world, references: Tensor, reference_objects: Tensor,
+def evaluate_diversity(model, prompts: Sequence[str], world, references: Tensor, reference_objects: Tensor,
                        render: Callable[[Any, str], Tensor], min_agreement: float = MIN_AGREEMENT
                        ) -> dict[str, Any]:
-    """Render every particle of every prompt (``render(system, prompt)``, e.g. ``Orbit.render``) and
-    measure where they land -> ``{"min_agreement", "overall", "per_prompt"}`` for metrics.json."""
-    from amortized3d.evaluation.evaluate import check_finite_renders
+    """Render every particle of every prompt (``render(model, prompt)``, e.g. ``Orbit.render``; ``model``:
+    anything with a ``generator``) and measure where they land -> ``{"min_agreement", "overall",
+    "per_prompt"}`` for metrics.json."""
     from amortized3d.generators.particles import num_particles, rendering_particle
     from amortized3d.scenes.open_world import prompt_objects
 
-    n = num_particles(system.generator)
+    n = num_particles(model.generator)
     per_prompt = {}
     for prompt in prompts:
         valid = prompt_objects(world, prompt)
         landings = []
         for i in range(n):
-            with rendering_particle(system.generator, i):
-                renders = render(system, prompt)
-            check_finite_renders(f"{prompt} (particle {i})", renders)
+            with rendering_particle(model.generator, i):
+                renders = render(model, prompt)
+            if not torch.isfinite(renders).all():  # (evaluate.check_finite_renders: evaluate imports this module)
+                raise ValueError(f"renders of prompt {prompt!r}, particle {i}, hold NaN/inf: refusing to score them")
             landings.append(particle_landing(renders, references, reference_objects, valid, min_agreement))
         per_prompt[prompt] = prompt_diversity(landings, valid, world.prompt)
     return {"min_agreement": min_agreement, "overall": summarize_diversity(per_prompt), "per_prompt": per_prompt}
