@@ -120,6 +120,8 @@ def test_oracle_counts_any_member_of_the_set_as_a_hit():
 def test_data_primitives_open_composes_with_the_open_world(tmp_path, cache_dir):
     from conftest import compose
 
+    from amortized3d.scenes.world import build_world
+
     cfg = compose(tmp_path, cache_dir, "data=primitives_open", "generator=ingp")
-    assert cfg.data.corpus == "primitives_open" and cfg.prior.model.world == "primitives_open"
-    assert compose(tmp_path, cache_dir).prior.model.world == "primitives"
+    assert cfg.data.corpus == "primitives_open" and isinstance(build_world(cfg), OpenPrimitivesWorld)
+    assert type(build_world(compose(tmp_path, cache_dir))) is PrimitivesWorld

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +36,8 @@ WILDCARDS = frozenset({"object", "shape", "thing", "primitive"})
 @dataclass(frozen=True)
 class OpenPrimitivesWorld(PrimitivesWorld):
     """The primitives world with set-valued prompts; same objects, same fields, same references."""
+
+    name: ClassVar[str] = "primitives_open"  # configs/world/<name>.yaml; names the reference cache
 
     @property
     def num_sets(self) -> int:
