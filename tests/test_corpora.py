@@ -47,7 +47,7 @@ def real() -> dict[str, corpora.Corpus]:
 
 def test_manifest_matches_reference_table():
     manifest = corpora.load_manifest()
-    assert set(manifest) == {"primitives", *PUBLIC, "cp100k"}
+    assert set(manifest) == {"primitives", "primitives_open", *PUBLIC, "cp100k"}
     for name, (counts, sha) in EXPECTED.items():
         spec = manifest[name]
         assert dict(spec.counts) == counts and spec.sha256 == sha and spec.counts_exact

@@ -164,6 +164,13 @@ def evaluate(cfg: DictConfig) -> dict:
                "num_candidates": len(candidates), "world_size": world,
                "evaluation": orbit.describe(),
                scorer.name: {**_evaluator_info(cfg.evaluator), **summarize_rows(gathered, names)}}
+    if rank == 0 and scorer.name == "oracle":  # particles / set-valued prompts: evaluation/diversity.py
+        from amortized3d.evaluation.diversity import evaluate_diversity, wants_diversity, world_references
+
+        measured = [candidates[i] for i in evaluated]
+        if wants_diversity(model.generator, ground_truth, measured):
+            metrics["diversity"] = evaluate_diversity(model, measured, ground_truth,
+                                                      *world_references(ground_truth, scorer, orbit), orbit.render)
     if rank == 0:
         write_csv(gathered, output_dir / "per_prompt.csv")
         text = json.dumps(metrics, indent=2, allow_nan=False)  # strict JSON: NaN/inf never reach the file

@@ -67,6 +67,19 @@ def evaluate_run(model: AmortizedModel, world, corpus, cfg: Any, output_dir: Pat
             metrics["oracle"][split] = summary
             log.info("oracle %s: R@1 %.3f  PSNR %.2f dB", split, summary["overall"]["r_at_1"] or 0,
                      summary["overall"]["psnr"] or 0)
+        # Particles (generator.num_particles) or set-valued prompts (data=primitives_open): where each
+        # particle lands among the prompt's valid objects (evaluation/diversity.py). The oracle block
+        # above is each prompt's particle 0.
+        from amortized3d.evaluation.diversity import evaluate_diversity, wants_diversity, world_references
+
+        measured = list(dict.fromkeys(p for ps in prompts_by_split.values() for p in ps))
+        if wants_diversity(model.generator, world, measured):
+            metrics["diversity"] = evaluate_diversity(model, measured, world, *world_references(world, scorer, orbit),
+                                                      orbit.render)
+            overall = metrics["diversity"]["overall"]
+            log.info("diversity: modes_covered %.3f (at most %.3f), %d blends of %d particles, particle R@1 %.3f",
+                     overall["modes_covered"], overall["max_modes_covered"], overall["blends"],
+                     overall["num_particles"] * overall["num_prompts"], overall["particle_r_at_1"])
     if video_prompts:
         metrics["videos"] = str(video_dir)
     return metrics

@@ -26,15 +26,20 @@ def pairwise_mse(a: Tensor, b: Tensor) -> Tensor:
     return d.clamp_min(0.0) / a.shape[1]
 
 
-def oracle_views(generated: Tensor, references: Tensor, reference_objects: Tensor, own_object: int) -> OracleResult:
-    """``generated`` [V,3,H,W] in [0,1]; ``references`` [M,3,H,W] of all objects; ids [M]."""
+def oracle_views(generated: Tensor, references: Tensor, reference_objects: Tensor,
+                 own_object: int | Sequence[int]) -> OracleResult:
+    """``generated`` [V,3,H,W] in [0,1]; ``references`` [M,3,H,W] of all objects; ids [M].
+
+    ``own_object``: the prompt's object, or the set of its valid objects (open world): then R@1 = the
+    nearest reference is of any of them and PSNR is to the nearest reference of any of them."""
     mse = pairwise_mse(generated.flatten(1), references.flatten(1))  # [V, M]
-    own = reference_objects == own_object
+    own_ids = torch.as_tensor(own_object, dtype=torch.long).reshape(-1)
+    own = torch.isin(reference_objects, own_ids)
     if not own.any():
         raise ValueError(f"no reference renders of object {own_object}")
     nearest_own = mse[:, own].min(dim=1).values
     psnr = -10.0 * torch.log10(nearest_own.clamp_min(1e-10))
-    r_at_1 = (reference_objects[mse.argmin(dim=1)] == own_object).double()
+    r_at_1 = torch.isin(reference_objects[mse.argmin(dim=1)], own_ids).double()
     return OracleResult(psnr=psnr, r_at_1=r_at_1)
 
 
@@ -53,6 +58,8 @@ def oracle_references(world, prompts: Sequence[str], cameras, renderer, bake: tu
     from amortized3d.cameras import CameraBatch
     from amortized3d.scenes.references import render_objects
 
-    object_ids = torch.tensor(sorted({world.object_for_prompt(p) for p in prompts}))
+    from amortized3d.scenes.open_world import prompts_objects
+
+    object_ids = torch.tensor(prompts_objects(world, prompts))  # an open prompt brings all its objects
     references = render_objects(world, object_ids, CameraBatch.cat([cameras] * len(object_ids)), renderer, bake=bake)
     return references, object_ids.repeat_interleave(len(cameras))

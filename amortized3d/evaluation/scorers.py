@@ -57,7 +57,9 @@ class OracleScorer:
         self.references, self.objects = oracle_references(world, all_prompts, cameras, renderer, bake)
 
     def score(self, index: int, prompt: str, renders: Tensor) -> dict[str, Tensor]:
-        res = oracle_views(renders, self.references, self.objects, self.world.object_for_prompt(prompt))
+        from amortized3d.scenes.open_world import prompt_objects
+
+        res = oracle_views(renders, self.references, self.objects, prompt_objects(self.world, prompt))
         return {"r_at_1": res.r_at_1, "psnr": res.psnr}
 
 

@@ -9,6 +9,14 @@ Memory grows with the number of prompts: at the paper's encoding (16 levels x 2 
 2^19 rows) one prompt holds ~12.6M table parameters, so 415 prompts need ~100 GB to train.
 The constructor estimates it first (:func:`training_bytes`) and refuses with the numbers
 instead of dying in an allocation or in the OOM killer (issue 15).
+
+``num_particles`` = n > 1 gives every prompt n independent fields (ProlificDreamer §3.2: VSD's
+particles {theta^(i)}, sharing the guidance's one score model): instance ``prompt * n + i`` is particle
+i of the prompt, so n = 1 is exactly the previous generator (same shapes, same initial draw). Each
+training step renders ONE particle per prompt, drawn uniformly from the step-keyed RNG, as
+ProlificDreamer's Algorithm 1 does ("randomly sample theta ~ {theta^(i)}", App. E): a step costs what an
+n = 1 step costs, and a resumed run draws the same particles. ``z`` carries the particle ids [B];
+without it (evaluation, export) the field is particle ``eval_particle`` (generators/particles.py).
 """
 from __future__ import annotations
 
@@ -75,7 +83,7 @@ def check_fits(num_prompts: int, encoding: Mapping[str, Any] | None, mlp_hidden:
         fit = max(0, have // (per * TRAINING_BYTES_PER_PARAMETER))
         log2 = int(dict(encoding or {}).get("log2_hashmap_size", _ENCODING_DEFAULTS["log2_hashmap_size"]))
         raise IngpTooLargeError(
-            f"per-prompt iNGP for {num_prompts} prompts needs {need / 2**30:.1f} GiB to train "
+            f"per-prompt iNGP for {num_prompts} fields (prompts x particles) needs {need / 2**30:.1f} GiB to train "
             f"({per:,} parameters per prompt x {TRAINING_BYTES_PER_PARAMETER} bytes: weight, gradient, Adam "
             f"moments, rollback copy) but only {have / 2**30:.1f} GiB are available ({where}); at most "
             f"{fit} prompts fit. Train one prompt per run (experiment/*_per_prompt), lower "
@@ -100,19 +108,25 @@ class IngpGenerator(Generator):
         sdf_bias_radius: float = 0.5,
         fused_mlp: bool = False,
         check_memory: bool = True,
+        num_particles: int = 1,
     ) -> None:
         super().__init__()
+        if int(num_particles) < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        self.num_particles = int(num_particles)
+        self.eval_particle = 0  # the particle forward() returns without z (not state: set per call)
+        instances = num_prompts * self.num_particles
         if check_memory:  # before any allocation: a refusal with numbers, not an OOM kill
-            check_fits(num_prompts, encoding, mlp_hidden)
+            check_fits(instances, encoding, mlp_hidden)
         enc_kwargs = dict(encoding or {})
-        enc_kwargs["num_instances"] = num_prompts  # one table per prompt, whatever the config
+        enc_kwargs["num_instances"] = instances  # one table per prompt and particle, whatever the config
         self.num_prompts = num_prompts
         self.encoding = HashGridEncoding(**enc_kwargs)
         feat = self.encoding.output_dim
         self.sdf_layers = nn.ParameterList(
-            [nn.Parameter(w) for w in kaiming_weights(mlp_shapes(feat, mlp_hidden, 1), num_prompts)])
+            [nn.Parameter(w) for w in kaiming_weights(mlp_shapes(feat, mlp_hidden, 1), instances)])
         self.rgb_layers = nn.ParameterList(
-            [nn.Parameter(w) for w in kaiming_weights(mlp_shapes(feat, mlp_hidden, 3), num_prompts)])
+            [nn.Parameter(w) for w in kaiming_weights(mlp_shapes(feat, mlp_hidden, 3), instances)])
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
@@ -122,6 +136,13 @@ class IngpGenerator(Generator):
         # been re-run on idle cores; with renderer.skip_empty_space it reached 1.000 / 0.926.
         self.fused_mlp = bool(fused_mlp)
 
+    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """Which particle each of ``batch`` prompts renders this step (uniform, Alg. 1 line 3); None for
+        n = 1, where nothing is drawn, so one-particle runs consume the RNG exactly as before."""
+        if self.num_particles == 1:
+            return None
+        return torch.randint(self.num_particles, (batch,), generator=generator)
+
     def forward(self, text_emb: Tensor | None, prompt_ids: Tensor, z: Tensor | None = None) -> HashGridField:
         ids = prompt_ids.long()
         if ids.dim() != 1:
@@ -129,6 +150,13 @@ class IngpGenerator(Generator):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_prompts):
             raise IndexError(f"prompt ids must lie in [0, {self.num_prompts}); per-prompt iNGP "
                              "cannot represent unseen prompts")
+        particle = (z.to(ids.device).long().reshape(-1) if z is not None
+                    else torch.full_like(ids, int(self.eval_particle)))
+        if particle.shape != ids.shape or (particle.numel() and (int(particle.min()) < 0
+                                                                or int(particle.max()) >= self.num_particles)):
+            raise IndexError(f"particle ids {particle.tolist()} for prompts {ids.tolist()}: need one per prompt in "
+                             f"[0, {self.num_particles})")
+        ids = ids * self.num_particles + particle  # the instance of (prompt, particle)
         return HashGridField(
             self.encoding, ids,
             sdf_weights=[w[ids] for w in self.sdf_layers],

@@ -41,12 +41,17 @@ UNCONDITIONAL = -1  # object id of the empty prompt: every reference is allowed
 @dataclass
 class ReferenceSet:
     """Reference renders of a world: ``images`` [M,3,h,w] in [0,1] of objects ``object_ids`` [M]
-    seen from view buckets ``view_ids`` [M] (index into ``VIEW_LABELS``)."""
+    seen from view buckets ``view_ids`` [M] (index into ``VIEW_LABELS``).
+
+    ``object_sets`` [K, num_objects] bool (None: every condition is one object): a prompt's id k then
+    names the SET of objects row k holds (scenes/open_world.py), and its conditional branch is the
+    uniform mixture over the references of all of them."""
 
     images: Tensor
     object_ids: Tensor
     view_ids: Tensor
     prompt_to_object: Callable[[str], int] | Mapping[str, int] = field(repr=False)
+    object_sets: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         m = self.images.shape[0]
@@ -116,6 +121,10 @@ class AnalyticPrior(Prior):
         self.register_buffer("ref_sqnorm", (centred * centred).sum(1), persistent=False)
         self.register_buffer("ref_object_ids", references.object_ids.clone(), persistent=False)
         self.register_buffer("ref_view_ids", references.view_ids.clone(), persistent=False)
+        # [K, M]: which references each object set allows (None: a condition is one object id).
+        sets = references.object_sets
+        self.register_buffer("set_ref_mask", None if sets is None else
+                             torch.as_tensor(sets, dtype=torch.bool)[:, references.object_ids], persistent=False)
         self._shape = tuple(references.images.shape[1:])
         self.requires_grad_(False)
         self.eval()
@@ -158,7 +167,13 @@ class AnalyticPrior(Prior):
     def condition_mask(self, cond: AnalyticCondition) -> Tensor:
         """[N, M] bool: references each sample's conditional branch may use."""
         obj = cond.object_ids.to(self.ref_object_ids.device)
-        mask = (self.ref_object_ids[None, :] == obj[:, None]) | (obj[:, None] == UNCONDITIONAL)
+        if self.set_ref_mask is None:
+            mask = (self.ref_object_ids[None, :] == obj[:, None]) | (obj[:, None] == UNCONDITIONAL)
+        else:  # an open world: id k allows the references of every object of set k
+            if int(obj.max()) >= self.set_ref_mask.shape[0]:
+                raise ValueError(f"object-set ids {obj[obj >= self.set_ref_mask.shape[0]].unique().tolist()} "
+                                 f"outside the world's {self.set_ref_mask.shape[0]} sets")
+            mask = self.set_ref_mask[obj.clamp(min=0)] | (obj[:, None] == UNCONDITIONAL)
         empty = ~mask.any(1)
         if empty.any():
             raise ValueError(f"no reference images for object ids {obj[empty].unique().tolist()}")

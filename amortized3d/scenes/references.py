@@ -19,10 +19,11 @@ from amortized3d.checkpoint_io import CheckpointError, load_torch, save_torch
 from amortized3d.priors.analytic import AnalyticPrior, ReferenceSet
 from amortized3d.rendering import SolidBackground, VolumeRenderer
 from amortized3d.rendering.baked import BakedField
+from amortized3d.scenes.open_world import OpenPrimitivesWorld
 from amortized3d.scenes.primitives import PrimitivesWorld
 
 log = logging.getLogger(__name__)
-WORLDS = {"primitives": PrimitivesWorld}
+WORLDS = {"primitives": PrimitivesWorld, "primitives_open": OpenPrimitivesWorld}
 # Ground truth deserves a finer sample budget than the generators' training renders. Samples are
 # confined to the world's bound (the sphere holding every object, radius 0.45): mean abs error 2.3e-4
 # against a 512+128-sample render, lower than 96+48 samples over [0.1, 4] and ~20% cheaper.
@@ -122,7 +123,8 @@ def build_reference_set(world: PrimitivesWorld | str, views_per_object: int, res
                 log.warning("could not write the reference cache %s (%s); continuing with the renders in "
                             "memory (they will be rendered again next time)", path, err)
     return ReferenceSet(images=images, object_ids=object_ids.repeat_interleave(views_per_object),
-                        view_ids=cameras.view_label_ids(), prompt_to_object=world.object_for_prompt)
+                        view_ids=cameras.view_label_ids(), prompt_to_object=world.object_for_prompt,
+                        object_sets=getattr(world, "object_sets", None))
 
 
 def build_analytic_prior(world: PrimitivesWorld | str | None, views_per_object: int = 64, resolution: int = 32,
