@@ -27,7 +27,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from amortized3d.benchmark_steps import StepTimer
+from amortized3d.step_timer import StepTimer
 from amortized3d.cameras import CameraRanges
 from amortized3d.checkpoint_io import AtomicCheckpointIO, atomic_write
 from amortized3d.corpora import load_corpus
