@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from amortized3d.checkpoint_io import atomic_write
+from amortized3d.atomic import atomic_write
 
 
 class ValidationRenderWriter(L.Callback):

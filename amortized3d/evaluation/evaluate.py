@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from amortized3d.checkpoint_io import atomic_write
+from amortized3d.atomic import atomic_write
 from amortized3d.evaluation.orbit import Orbit
 from amortized3d.evaluation.scorers import Scorer, build_scorer
 from amortized3d.evaluation.shard import distributed_context, gather_results, shard_indices

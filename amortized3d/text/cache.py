@@ -11,8 +11,8 @@ encoders with ``encode_tokens`` (SD's CLIP), ``tokens`` [N, L, E] in a second fi
 Files, in ``root``: ``<corpus>__<slug(identity)>__<key[:16]>[__tokens].npy`` and a ``.json`` sidecar
 holding the full key = sha256(identity NUL prompt_0 NUL prompt_1 ...), N, E, dtype and the
 sha256 of the array bytes. Any change of encoder or corpus changes the key (a new file).
-Writes go to a temp file in the same directory, are fsynced and ``os.replace``d; the sidecar
-is written last, also atomically, so a crash never leaves a pair that verifies.
+Writes go through ``amortized3d.atomic`` (temp file in the same directory, fsynced, ``os.replace``d);
+the sidecar is written last, also atomically, so a crash never leaves a pair that verifies.
 
 DDP protocol (every rank calls ``load_or_build`` once, with the same ``barrier``):
 the builder (rank 0: ``is_builder=True``) loads or builds and writes, *then* calls
@@ -26,7 +26,6 @@ import json
 import os
 import re
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from amortized3d.atomic import atomic_path, atomic_write
 from amortized3d.text.base import TextEncoder
 
 FORMAT_VERSION = 1
@@ -78,16 +78,6 @@ class CacheEntry:
     @property
     def array_shape(self) -> tuple[int, ...]:
         return self.shape or (self.num_prompts, self.embedding_dim)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the data file was synced
-        pass
-    finally:
-        os.close(fd)
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -208,10 +198,7 @@ class EmbeddingCache:
         """Encode in batches into a temp file, fsync, atomically publish array then sidecar."""
         self.root.mkdir(parents=True, exist_ok=True)
         entry.sidecar_path.unlink(missing_ok=True)  # never pair a stale sidecar with new bytes
-        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp_array = entry.array_path.with_name(f".{entry.array_path.name}.{tag}")
-        tmp_sidecar = entry.sidecar_path.with_name(f".{entry.sidecar_path.name}.{tag}")
-        try:
+        with atomic_path(entry.array_path) as tmp_array:
             mm = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=_DTYPE,
                                            shape=entry.array_shape)
             digest = hashlib.sha256()
@@ -223,21 +210,11 @@ class EmbeddingCache:
             mm.flush()
             offset = int(mm.offset)
             del mm
-            _fsync_path(tmp_array)
-            os.replace(tmp_array, entry.array_path)
-            meta = {"format_version": FORMAT_VERSION, "key": entry.key, "identity": encoder.identity,
-                    "num_prompts": entry.num_prompts, "embedding_dim": entry.embedding_dim,
-                    "dtype": np.dtype(_DTYPE).name, "shape": list(entry.array_shape), "kind": entry.kind,
-                    "data_offset": offset, "sha256": digest.hexdigest()}
-            with open(tmp_sidecar, "w") as f:
-                json.dump(meta, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_sidecar, entry.sidecar_path)
-            _fsync_path(self.root)
-        finally:
-            tmp_array.unlink(missing_ok=True)
-            tmp_sidecar.unlink(missing_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "key": entry.key, "identity": encoder.identity,
+                "num_prompts": entry.num_prompts, "embedding_dim": entry.embedding_dim,
+                "dtype": np.dtype(_DTYPE).name, "shape": list(entry.array_shape), "kind": entry.kind,
+                "data_offset": offset, "sha256": digest.hexdigest()}
+        atomic_write(entry.sidecar_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
     @staticmethod
     def _encode_batch(encoder: TextEncoder, prompts: Sequence[str], kind: str = "pooled") -> Tensor:
