@@ -49,7 +49,6 @@ class ValidationMetrics(L.Callback):
         self.video_dir = Path(video_dir) if video_dir else None
         self.clip = dict(clip or {})
         self._scorer, self._validations = None, 0
-        self.last_metrics: dict[str, float] = {}
 
     def _build_scorer(self, pl_module, prompts: list[str], cameras):
         from amortized3d.evaluation.scorers import ClipScorer, OracleScorer
@@ -102,4 +101,3 @@ class ValidationMetrics(L.Callback):
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-        self.last_metrics = metrics

@@ -55,13 +55,12 @@ class _HashingWriter:
     """A write-only file object that hashes what passes through it (torch.save streams into it)."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self.f, self.sha, self.size, self.tail = f, hashlib.sha256(), 0, b""
+        self.f, self.sha, self.tail = f, hashlib.sha256(), b""
 
     def write(self, data) -> int:
         n = self.f.write(data)
         self.sha.update(data)
         view = memoryview(data).cast("B")
-        self.size += len(view)
         self.tail = (self.tail + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]  # no copy of the whole chunk
         return n
 
