@@ -8,9 +8,10 @@ Kinds: ``pooled`` [N, E] (what generators are conditioned on; 2*E bytes per prom
 encoders with ``encode_tokens`` (SD's CLIP), ``tokens`` [N, L, E] in a second file
 (``...__tokens.npy``; 77*1024*2 bytes = 158 KB per prompt, so it is opt-in).
 
-Files, in ``root``: ``<corpus>__<slug(identity)>__<key[:16]>[__tokens].npy`` and a ``.json`` sidecar
-holding the full key = sha256(identity NUL prompt_0 NUL prompt_1 ...), N, E, dtype and the
-sha256 of the array bytes. Any change of encoder or corpus changes the key (a new file).
+Files, in ``root``: ``<readable(corpus)>__<readable(identity)>__<key[:16]>[__tokens].npy``
+(``slugs.readable``; the key makes the name unique) and a ``.json`` sidecar holding the full
+key = sha256(identity NUL prompt_0 NUL prompt_1 ...), N, E, dtype and the sha256 of the array
+bytes. Any change of encoder or corpus changes the key (a new file).
 Writes go through ``amortized3d.atomic`` (temp file in the same directory, fsynced, ``os.replace``d);
 the sidecar is written last, also atomically, so a crash never leaves a pair that verifies.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.atomic import atomic_path, atomic_write
+from amortized3d.slugs import readable
 from amortized3d.text.base import TextEncoder
 
 FORMAT_VERSION = 1
@@ -59,10 +60,6 @@ def local_rank_from_env() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
-
-
-def slug(text: str, max_len: int = 64) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_len] or "x"
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,8 @@ class EmbeddingCache:
         if kind == "tokens" and not hasattr(encoder, "encode_tokens"):
             raise TypeError(f"{type(encoder).__name__} has no token embeddings (encode_tokens)")
         key = cache_key(encoder.identity if kind == "pooled" else f"{encoder.identity}#{kind}", prompts)
-        stem = f"{slug(corpus_name)}__{slug(encoder.identity)}__{key[:16]}" + ("" if kind == "pooled" else f"__{kind}")
+        stem = (f"{readable(corpus_name, fallback='x')}__{readable(encoder.identity, fallback='x')}__{key[:16]}"
+                + ("" if kind == "pooled" else f"__{kind}"))
         dim = int(encoder.embedding_dim)
         shape = (len(prompts), dim) if kind == "pooled" else (len(prompts), *map(int, encoder.token_shape))
         return CacheEntry(self.root / f"{stem}.npy", self.root / f"{stem}.json", key, len(prompts), dim, kind, shape)
