@@ -7,7 +7,6 @@ random weights (smoke tests; seeded, so two runs agree). The text side implement
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amortized3d.fingerprint import files_fingerprint
 from amortized3d.text.base import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,8 @@ def _weights_identity(pretrained: str | None, seed: int) -> str:
     """What determines the weights (keys the embedding cache)."""
     if pretrained is None:
         return f"random-seed{seed}"
-    path = Path(pretrained)
-    if path.is_file():  # a local file: its content decides (hash of size + head + tail is enough)
-        stat = path.stat()
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-            f.seek(max(0, stat.st_size - (1 << 20)))
-            tail = f.read()
-        return f"file-{stat.st_size}-{hashlib.sha256(head + tail).hexdigest()[:16]}"
+    if Path(pretrained).is_file():  # a local file: its content decides (size + boundary bytes are enough)
+        return f"file-{files_fingerprint(pretrained)}"
     return pretrained
 
 

@@ -13,7 +13,6 @@ conditional branch alone and 0 the unconditional one, with Perp-Neg on or off.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amortized3d.checkpoint_io import CheckpointError, load_torch, save_torch
+from amortized3d.fingerprint import tensors_fingerprint
 from amortized3d.priors.base import Prior
 from amortized3d.priors.schedule import NoiseSchedule
 from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, combine_perp_neg, perp_neg_mixing,
@@ -121,13 +121,8 @@ class StableDiffusionPrior(Prior):
         return torch.einsum("nkhw,kc->nchw", torch.cat([rgb * 2 - 1, torch.ones_like(rgb[:, :1])], 1), m)
 
     def vae_digest(self) -> str:
-        """Digest of the VAE's weights (names, dtypes, shapes, values): what the affine fit depends on."""
-        h = hashlib.blake2b(digest_size=16)
-        for name, tensor in self.vae.state_dict().items():
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        """Fingerprint of the VAE's weights (names, dtypes, shapes, values): what the affine fit depends on."""
+        return tensors_fingerprint(self.vae.state_dict())
 
     def cached_rgb_to_latent(self) -> Tensor:
         """``fit_rgb_to_latent`` once per VAE: from this process' memo, else the cache dir, else fit (and store).
