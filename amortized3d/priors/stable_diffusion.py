@@ -25,7 +25,7 @@ from torch import Tensor
 from amortized3d.checkpoint_io import CheckpointError, load_torch, save_torch
 from amortized3d.fingerprint import tensors_fingerprint
 from amortized3d.priors.base import Prior
-from amortized3d.priors.schedule import NoiseSchedule
+from amortized3d.priors.schedule import NoiseSchedule, cfg_mix
 from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, combine_perp_neg, perp_neg_mixing,
                                                 view_prompt)
 from amortized3d.priors.sd_loading import (configure_attention, fit_tokenizer_length, freeze, load_component,
@@ -239,7 +239,7 @@ class StableDiffusionPrior(Prior):
             eps_c, eps_u, eps_n = eps[:n], eps[n:2 * n], eps[2 * n:].reshape(n, k, *x_t.shape[1:])
             return combine_perp_neg(eps_u, eps_c, eps_n, cond.negative_weights, guidance_scale).to(x_t.dtype)
         eps_c, eps_u = self.cond_uncond_eps(x_t, t, cond)
-        return (eps_u + guidance_scale * (eps_c - eps_u)).to(x_t.dtype)
+        return cfg_mix(eps_u, eps_c, guidance_scale).to(x_t.dtype)
 
     def cond_uncond_eps(self, x_t: Tensor, t: Tensor, cond: SDCondition) -> tuple[Tensor, Tensor]:
         """(eps_c, eps_u) from ONE batch-2N UNet pass (what CFG and CSD need)."""
