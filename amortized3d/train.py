@@ -208,7 +208,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
         # ModelCheckpoint saves every N steps; the final state must be last.ckpt too (all ranks call).
-        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False)
     metrics: dict = {}
     if trainer.is_global_zero:
         metrics = evaluate_run(system, prior, corpus, cfg.evaluation, output_dir)
