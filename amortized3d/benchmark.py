@@ -13,7 +13,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from amortized3d.benchmark_steps import make_step_runner
+from amortized3d.build import build_system
+from amortized3d.cameras import CameraBatch, orbit_cameras
+from amortized3d.evaluation.orbit import Orbit
+from amortized3d.generators.conv3d import Conv3dGenerator
 from amortized3d.generators.encodings import HashGridEncoding
+from amortized3d.text.cache import EmbeddingCache
+from amortized3d.text.clip import CLIPTextEncoder
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -82,8 +89,6 @@ def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = N
     """{name: (system, cfg)} from ``configs/train.yaml`` with each variant's Hydra overrides."""
     from hydra import compose, initialize_config_dir
 
-    from amortized3d.train import build_system
-
     root = Path(__file__).resolve().parents[1]
     out = {}
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
@@ -99,8 +104,6 @@ def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = N
 def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = (), rounds: int = 5,
                          cache_dir: str | None = None) -> list[dict]:
     """Seconds per full training step (render + guidance + optimizer steps) per guidance, relative to SDS."""
-    from amortized3d.benchmark_steps import make_step_runner
-
     systems = _build_systems({g: [f"guidance={g}", *overrides] for g in guidances}, cache_dir)
     runners = {name: make_step_runner(system, cfg) for name, (system, cfg) in systems.items()}
     for _ in range(rounds):  # round-robin, so a slow moment of the machine hits every guidance
@@ -121,9 +124,6 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     ``compare`` every row also for the previous path ("[old]": hash grid ``fused=False``, no
     skipping) and with ``renderer.skip_empty_space`` on ("[skip]"), interleaved on the same
     system; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
-    from amortized3d.cameras import CameraBatch, orbit_cameras
-    from amortized3d.evaluation.orbit import Orbit
-
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
     prompts = system.train_prompts[:views]
     res = int(cfg.system.resolution)
@@ -187,8 +187,6 @@ def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens:
     import tempfile
 
     from amortized3d.priors.sd_random import build_tiny_sd
-    from amortized3d.text.cache import EmbeddingCache
-    from amortized3d.text.clip import CLIPTextEncoder
 
     words = [(c, s) for c in ("red", "green", "blue", "gold") for s in ("cube", "ball", "cone", "torus")]
     prompts = [f"a {words[i % 16][0]} {words[i % 16][1]} number {i}" for i in range(num_prompts)]
@@ -254,8 +252,6 @@ def bench_conv3d_memory(resolution: int = 128, channels: int = 32, text_dim: int
     autocast of the whole step; parameters and their gradients stay fp32. Peak = activations,
     gradients and temporaries above what was live before (parameters excluded; see params_bytes).
     """
-    from amortized3d.generators.conv3d import Conv3dGenerator
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for ckpt in checkpointing:

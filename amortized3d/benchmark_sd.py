@@ -42,6 +42,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+import amortized3d.guidance.vsd as vsd
+from amortized3d.benchmark_steps import make_step_runner
+from amortized3d.build import build_system
+from amortized3d.generators.encodings import HashGridEncoding
+
 # --- the SD-2.1-base architecture (stabilityai/stable-diffusion-2-1-base, model_index 0.10.0.dev0) -----
 SD21_BASE_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -188,9 +193,6 @@ class PartTimer:
 
     def instrument(self, system) -> None:
         """Patch this system's prior, score model, renderer, hash grid and backward passes."""
-        import amortized3d.guidance.vsd as vsd
-        from amortized3d.generators.encodings import HashGridEncoding
-
         guidance, prior = system.guidance, system.guidance.prior
         self.wrap(system.renderer, "forward", "render")
         for module in system.generator.modules():
@@ -307,15 +309,10 @@ def build_guidance_systems(model_dir: str | Path, guidances: Sequence[str], dtyp
 
     A guidance may carry its own settings after ``@``: ``l2vsd@jvp=exact`` (guidance.jvp=exact).
 
-    Each system is what ``train.build_system`` builds from ``prior=stable_diffusion
+    Each system is what ``build.build_system`` builds from ``prior=stable_diffusion
     prior.pretrained_model_name_or_path=DIR guidance=<g>`` (generator hyper_ingp, 64 px renders
     encoded at 512 px), except that the prior (UNet, VAE, text encoder) is loaded once and shared.
     """
-    import hydra
-    from omegaconf import OmegaConf
-
-    from amortized3d.train import build_system
-
     cache_dir = cache_dir or tempfile.mkdtemp(prefix="a3d-bench-cache-")
     base = [f"paths.output_dir={tempfile.gettempdir()}/amortized3d-bench", f"paths.cache_dir={cache_dir}",
             "prior=stable_diffusion", f"prior.pretrained_model_name_or_path={model_dir}", "prior.local_files_only=true",
@@ -326,13 +323,7 @@ def build_guidance_systems(model_dir: str | Path, guidances: Sequence[str], dtyp
         name, _, options = g.partition("@")  # "l2vsd@jvp=exact,eta=0.1": that guidance with these settings
         own = [f"guidance.{o}" for o in options.split(",") if o]
         cfg = _compose([*base, f"guidance={name}", *own, *overrides])
-        if prior is None:
-            system, prior, _ = build_system(cfg)
-        else:
-            system, _, _ = build_system(cfg, with_guidance=False)
-            guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
-            guidance_cfg.pop("name", None)
-            system.guidance = hydra.utils.instantiate(guidance_cfg, prior=prior)
+        system, prior, _ = build_system(cfg, prior=prior)  # the first builds the prior, the others share it
         out[g] = (system, cfg)
     return out
 
@@ -346,8 +337,6 @@ def bench_sd_fullsize(guidances: Sequence[str] = ("sds", "vsd", "l2vsd"), dtype:
     one warm-up, dropped); ``model_dir``: reuse a model written by ``write_sd21_base`` (else a
     temporary one is written and deleted); ``size="tiny"``: the tests' tiny SD (smoke test).
     """
-    from amortized3d.benchmark_steps import make_step_runner
-
     log = log or (lambda s: None)
     tmp = None
     t_start = time.perf_counter()

@@ -80,12 +80,11 @@ class ValidationMetrics(L.Callback):
         if not prompts:
             return
         cameras = orbit_cameras(self.num_views, pl_module.val_resolution)
-        modes = [(m, m.training) for m in pl_module.modules()]  # render_turntable switches to eval
         if self._scorer is None:
             self._scorer = self._build_scorer(pl_module, list(all_val), cameras) or False
         values: dict[str, list[float]] = {}
         for i, prompt in enumerate(prompts):
-            renders = render_turntable(pl_module, prompt, cameras, bake=None)
+            renders = render_turntable(pl_module.model, prompt, cameras, bake=None)  # eval mode for the call
             if self._scorer:
                 for k, v in self._scorer.score(i, prompt, renders).items():
                     values.setdefault(f"val/{self._scorer.name}_{k}", []).append(float(v.double().mean()))
@@ -95,8 +94,6 @@ class ValidationMetrics(L.Callback):
                 for logger in trainer.loggers:
                     if type(logger).__name__ == "WandbLogger":
                         logger.log_video(key="val/turntable", videos=[str(path)], step=trainer.global_step)
-        for module, training in modes:
-            module.train(training)
         metrics = {k: sum(v) / len(v) for k, v in values.items()}
         if metrics:
             for logger in trainer.loggers:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from amortized3d.atomic import atomic_path
+from amortized3d.rendering.densities import nerf_density
 
 if TYPE_CHECKING:
     import trimesh
@@ -143,8 +144,6 @@ def surface_query(field, density_threshold: float = 10.0, density_activation: st
     SDF fields are passed through (surface at 0). Density fields become
     ``threshold - density(raw)``: negative where the density exceeds ``density_threshold``.
     """
-    from amortized3d.rendering.densities import nerf_density
-
     if field.batch_size != 1:
         raise ValueError(f"export one field at a time, got a batch of {field.batch_size}")
     if field.kind not in ("sdf", "density"):
@@ -160,25 +159,26 @@ def surface_query(field, density_threshold: float = 10.0, density_activation: st
 
 
 @torch.no_grad()
-def export_prompt(system, prompt: str, path: PathLike, *, cameras=None, bake: tuple[int, float] | None = None,
+def export_prompt(model, prompt: str, path: PathLike, *, cameras=None, bake: tuple[int, float] | None = None,
                   renderer=None, fps: int = 30, mesh_resolution: int = 256, bound: float = 1.0,
                   level: float = 0.0, density_threshold: float = 10.0, chunk: int = 65536) -> Path:
     """Turntable video (.mp4/.gif; needs ``cameras``) or vertex-coloured mesh (.obj/.ply/.glb) of any
-    prompt a prompt-amortized generator can condition on, seen in training or not."""
+    prompt a prompt-amortized generator can condition on, seen in training or not, by an
+    :class:`amortized3d.model.AmortizedModel` (in eval mode: a loaded one is)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in VIDEO_FORMATS:
         if cameras is None:
             raise ValueError("a video export needs cameras (e.g. amortized3d.cameras.orbit_cameras)")
-        frames = system.render([prompt], cameras, bake=bake, renderer=renderer).rgb
+        frames = model.render([prompt], cameras, bake=bake, renderer=renderer).rgb
         return write_video(frames, path, fps=fps)
     if suffix not in MESH_FORMATS:
         raise ValueError(f"unsupported export format {path.suffix!r}; use one of "
                          f"{', '.join(s[1:] for s in VIDEO_FORMATS + MESH_FORMATS)}")
-    text_emb, ids = system.embed([prompt])
-    field = system.generator(text_emb, ids)
-    activation = getattr(system.renderer, "nerf_density_activation", "softplus")
+    text_emb, ids = model.embed([prompt])
+    field = model.generator(text_emb, ids)
+    activation = getattr(model.renderer, "nerf_density_activation", "softplus")
     query = surface_query(field, density_threshold, activation)
     mesh = extract_mesh(query, resolution=mesh_resolution, bound=bound, level=level, chunk=chunk,
-                        device=system.device)
+                        device=model.device)
     return save_mesh(mesh, path)

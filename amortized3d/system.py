@@ -1,4 +1,8 @@
-"""The training system: generator -> renderer -> guidance -> (ordered) optimizer steps.
+"""The training system: the model plus a guidance and the (ordered) optimizer steps.
+
+The model (:class:`amortized3d.model.AmortizedModel`: text table, generator, renderer) is what
+evaluation and export load; this LightningModule adds what only training needs: the guidance,
+the training cameras and background, the loss weights and the optimisers.
 
 Manual optimisation, because score-distillation objectives need a specific order between
 the generator step and their own score-model step (VSD: after, L-VSD: before, threestudio:
@@ -20,9 +24,9 @@ from amortized3d.cameras import CameraBatch, CameraRanges, orbit_cameras, sample
 from amortized3d.data import step_generator
 from amortized3d.generators.base import Generator
 from amortized3d.guidance.base import Guidance, GuidanceInput, GuidanceOutput
+from amortized3d.model import AmortizedModel, upgrade_state_dict
 from amortized3d.optim import build_optimizer, grads_are_finite
 from amortized3d.rendering import Background, RenderOutput, SolidBackground, VolumeRenderer
-from amortized3d.rendering.baked import BakedField
 from amortized3d.schedules import Scheduled
 from amortized3d.text.base import TextEncoder
 
@@ -31,27 +35,19 @@ FROZEN_PREFIX = "guidance.prior."  # the frozen prior is rebuilt from config, ne
 
 
 class AmortizedSystem(L.LightningModule):
-    def __init__(self, generator: Generator, renderer: VolumeRenderer, guidance: Guidance | None,
-                 text_encoder: TextEncoder, train_prompts: Sequence[str], text_table: Tensor,
-                 optimizer: dict, loss_weights: dict[str, Any], views_per_prompt: int = 1,
-                 resolution: int = 64, camera_ranges: CameraRanges = CameraRanges(),
-                 train_background: Background | None = None, eval_background: Background | None = None,
-                 seed: int = 0, val_views: int = 4, val_resolution: int | None = None,
-                 config: dict | None = None, max_consecutive_nonfinite: int = 5):
+    def __init__(self, model: AmortizedModel, guidance: Guidance, optimizer: dict, loss_weights: dict[str, Any],
+                 views_per_prompt: int = 1, resolution: int = 64, camera_ranges: CameraRanges = CameraRanges(),
+                 train_background: Background | None = None, seed: int = 0, val_views: int = 4,
+                 val_resolution: int | None = None, config: dict | None = None, max_consecutive_nonfinite: int = 5):
         super().__init__()
         self.automatic_optimization = False
-        self.generator, self.renderer, self.guidance = generator, renderer, guidance
-        self.text_encoder = text_encoder
-        self.train_prompts = list(train_prompts)
-        self._train_index = {p: i for i, p in enumerate(self.train_prompts)}
-        self.register_buffer("text_table", text_table.float(), persistent=False)
+        self.model, self.guidance = model, guidance
         self.optimizer_config = dict(optimizer)
         # Multiplier of every group's base lr as a function of the step (a number or [[step, x], ...]).
         self.lr_scale = Scheduled.parse(self.optimizer_config.pop("lr_scale", 1.0))
         self.loss_weights = {k: Scheduled.parse(v) for k, v in loss_weights.items()}
         self.views_per_prompt, self.resolution, self.camera_ranges = views_per_prompt, resolution, camera_ranges
         self.train_background = train_background or SolidBackground()
-        self.eval_background = eval_background or SolidBackground()
         self.seed, self.val_views = seed, val_views
         self.val_resolution = val_resolution or resolution
         self.batch_index = 0  # training steps taken, skipped ones included
@@ -70,41 +66,38 @@ class AmortizedSystem(L.LightningModule):
         self.save_hyperparameters({"config": config or {}})
         self.val_images: list[Tensor] = []
 
-    # --- rendering ------------------------------------------------------------------------------
+    # --- the model's parts and queries (read-only: the model owns them) -------------------------
+    @property
+    def generator(self) -> Generator:
+        return self.model.generator
+
+    @property
+    def renderer(self) -> VolumeRenderer:
+        return self.model.renderer
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.model.text_encoder
+
+    @property
+    def text_table(self) -> Tensor:
+        return self.model.text_table
+
+    @property
+    def train_prompts(self) -> list[str]:
+        return self.model.train_prompts
+
     def embed(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Text embeddings and prompt ids (train-corpus index, -1 when unseen) for any prompts."""
-        ids = torch.tensor([self._train_index.get(p, -1) for p in prompts], device=self.device)
-        if (ids >= 0).all():
-            return self.text_table[ids], ids
-        if not self.generator.supports_unseen_prompts:
-            unseen = [p for p, i in zip(prompts, ids.tolist()) if i < 0]
-            raise ValueError(f"{type(self.generator).__name__} is a per-prompt generator and cannot render prompts "
-                             f"it was not trained on: {unseen}")
-        emb = self.text_encoder.encode(list(prompts)).to(self.device, self.text_table.dtype)
-        return emb, ids.clamp(min=0)
+        return self.model.embed(prompts)
 
-    def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,
-               compute_normals: bool = False, regularizers: Sequence[str] = (),
-               generator: torch.Generator | None = None, bake: tuple[int, float] | None = None,
-               renderer: VolumeRenderer | None = None) -> RenderOutput:
-        """Render ``len(cameras) // len(prompts)`` views of each prompt (prompt-major cameras).
+    def render(self, prompts: Sequence[str], cameras: CameraBatch, **kwargs) -> RenderOutput:
+        return self.model.render(prompts, cameras, **kwargs)
 
-        ``bake=(resolution, bound)`` samples each field once on a voxel grid first (evaluation of
-        many views; see :class:`amortized3d.rendering.baked.BakedField`); ``renderer`` replaces the
-        training renderer (e.g. an evaluation sample budget).
-        """
-        text_emb, ids = self.embed(prompts)
-        field = self.generator(text_emb, ids)
-        if bake is not None:
-            field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device)
-        return (renderer or self.renderer)(field, cameras.to(self.device), background=background or self.eval_background,
-                             compute_normals=compute_normals, regularizers=regularizers, generator=generator)
+    def renderable(self, prompts: Sequence[str]) -> list[str]:
+        return self.model.renderable(prompts)
 
     # --- optimisation ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.guidance is None:
-            raise RuntimeError("this AmortizedSystem was built without a guidance (evaluation / export only: "
-                               "load_system(..., with_guidance=False)); build it with one to train")
         # The auxiliary (score) model is updated in its own backward passes, in an order DDP's
         # reducer does not expect; keep it out of the reducer and average its gradients ourselves.
         aux = {id(p) for g in self.guidance.auxiliary_parameter_groups() for p in g["params"]}
@@ -378,12 +371,6 @@ class AmortizedSystem(L.LightningModule):
         return loss.detach()
 
     # --- validation -----------------------------------------------------------------------------
-    def renderable(self, prompts: Sequence[str]) -> list[str]:
-        """The prompts this generator can render (per-prompt generators: only their training prompts)."""
-        if self.generator.supports_unseen_prompts:
-            return list(prompts)
-        return [p for p in prompts if p in self._train_index]
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.renderable(self.trainer.datamodule.val_prompts)
         if not prompts:
@@ -422,11 +409,14 @@ class AmortizedSystem(L.LightningModule):
 
     def _is_frozen(self, key: str) -> bool:
         if not hasattr(self, "_frozen_keys"):
-            keys = self.guidance.frozen_state_keys() if self.guidance is not None else ()
+            keys = self.guidance.frozen_state_keys()
             self._frozen_keys = {f"guidance.{k}" for k in keys}
         return key.startswith(FROZEN_PREFIX) or key in self._frozen_keys
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning loads checkpoint["state_dict"] right after this hook: a pre-split checkpoint
+        # (generator.*, renderer.* at the top level) is mapped to model.* here, so it resumes.
+        checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if self._is_frozen(k)})
         state = checkpoint.get("amortized3d", {})

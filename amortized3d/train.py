@@ -1,4 +1,4 @@
-"""``train(cfg)``: build every part from the composed Hydra config, fit, evaluate, write artifacts.
+"""``train(cfg)``: build every part (:mod:`amortized3d.build`), fit, evaluate, write artifacts.
 
 Outputs under ``cfg.paths.output_dir`` (= ``hydra.run.dir``)::
 
@@ -21,79 +21,23 @@ import json
 import logging
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
 
 import hydra
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from amortized3d.step_timer import StepTimer
-from amortized3d.cameras import CameraRanges
-from amortized3d.checkpoint_io import AtomicCheckpointIO, atomic_write
-from amortized3d.corpora import load_corpus
+from amortized3d.atomic import atomic_write
+from amortized3d.build import build_system, load_run_corpus, resolved_config
+from amortized3d.checkpoint_io import AtomicCheckpointIO
 from amortized3d.data import PromptDataModule
 from amortized3d.evaluation.final import evaluate_run
 from amortized3d.run_guard import (PreemptionHandler, check_run_dir, check_text_encoder, check_world_prompts,
                                    clean_stale_temp_files, compare_resume, load_checkpoint_meta, validate_config)
-from amortized3d.system import AmortizedSystem
-from amortized3d.text.cache import EmbeddingCache
+from amortized3d.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
-
-
-def camera_ranges(cfg: DictConfig) -> CameraRanges:
-    c = cfg.data.camera
-    return CameraRanges(distance=tuple(c.distance), fovy_deg=tuple(c.fovy_deg),
-                        elevation_deg=tuple(c.elevation_deg), azimuth_deg=tuple(c.azimuth_deg))
-
-
-def build_system(cfg: DictConfig, corpus=None, *, with_guidance: bool = True,
-                 train_prompts: Sequence[str] | None = None) -> tuple[AmortizedSystem, Any, Any]:
-    """(system, prior, corpus) from a composed config; used by training, evaluation and export.
-
-    ``with_guidance=False`` builds neither the prior nor the guidance (prior is None): enough to
-    render, and it skips loading e.g. Stable Diffusion's UNet and VAE for CLIP evaluation or export.
-    ``train_prompts``: the prompts the generator is bound to, in order (a checkpoint's own list, so
-    that per-prompt fields stay with their prompts whatever the corpus file says today); by default
-    the corpus' train split.
-    """
-    corpus = corpus or load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
-    if train_prompts is None:
-        prompt_index = OmegaConf.select(cfg, "data.prompt_index", throw_on_missing=True)  # "???": must be chosen
-        if prompt_index is not None:  # one prompt per run (experiment/*_per_prompt.yaml)
-            corpus = corpus.with_train_prompt(int(prompt_index), cfg.data.train_split)
-        train_prompts = corpus.unique(cfg.data.train_split)
-    train_prompts = list(train_prompts)
-    with open_dict(cfg):
-        cfg.data.num_train_prompts = len(train_prompts)
-    text_encoder = hydra.utils.instantiate(cfg.prior.text_encoder)
-    text_table = EmbeddingCache(Path(cfg.paths.cache_dir) / "text").load_or_build_shared(
-        text_encoder, corpus.name, train_prompts)
-    generator = hydra.utils.instantiate(cfg.generator)
-    renderer = hydra.utils.instantiate(cfg.renderer)
-    prior = guidance = None
-    if with_guidance:
-        prior = hydra.utils.instantiate(cfg.prior.model)
-        guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
-        guidance_cfg.pop("name", None)
-        guidance = hydra.utils.instantiate(guidance_cfg, prior=prior)
-    system = AmortizedSystem(
-        generator=generator, renderer=renderer, guidance=guidance, text_encoder=text_encoder,
-        train_prompts=train_prompts, text_table=text_table,
-        optimizer=OmegaConf.to_container(cfg.system.optimizer, resolve=True),
-        loss_weights=OmegaConf.to_container(cfg.system.loss_weights, resolve=True),
-        views_per_prompt=cfg.system.views_per_prompt, resolution=cfg.system.resolution,
-        camera_ranges=camera_ranges(cfg),
-        train_background=hydra.utils.instantiate(cfg.system.background.train),
-        eval_background=hydra.utils.instantiate(cfg.system.background.eval),
-        seed=cfg.seed, val_views=cfg.system.val_views,
-        config=resolved_config(cfg), max_consecutive_nonfinite=cfg.system.get("max_consecutive_nonfinite", 5))
-    return system, prior, corpus
-
-
-def resolved_config(cfg: DictConfig) -> dict:
-    """The run's config as plain data (stored in checkpoints), without Hydra's own node."""
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -116,9 +60,6 @@ def _instantiate_loggers(group: DictConfig | None, meta: dict | None) -> list:
 def _continue_csv_logs(loggers: list, meta: dict) -> None:
     """Lightning's CSVLogger deletes an existing metrics.csv: keep the rows logged before the
     checkpoint (later ones are logged again by the resumed run) so the log covers every segment."""
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
     if rank_zero_only.rank != 0:
         return
     resume_step = meta.get("batches_that_stepped")
@@ -163,8 +104,6 @@ def train(cfg: DictConfig) -> dict:
     corpus against the analytic world's grammar, and on resume the checkpoint's experiment
     against this one (:mod:`amortized3d.run_guard`). Failures raise ``RunError``.
     """
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = _checkpoint_dir(cfg, output_dir)
@@ -175,7 +114,7 @@ def train(cfg: DictConfig) -> dict:
             log.warning("removed %s (temp file of a killed process)", path)
     check_run_dir(checkpoint_dir, resuming=ckpt_path is not None, overwrite=bool(cfg.get("overwrite", False)),
                   delete=rank_zero_only.rank == 0)
-    corpus = load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
+    corpus = load_run_corpus(cfg)
     check_world_prompts(cfg, corpus)
     meta, resume = None, None
     if ckpt_path is not None:
@@ -211,7 +150,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False)
     metrics: dict = {}
     if trainer.is_global_zero:
-        metrics = evaluate_run(system, prior, corpus, cfg.evaluation, output_dir)
+        metrics = evaluate_run(system.model, prior, corpus, cfg.evaluation, output_dir)
         metrics["training"] = {"steps": system.batch_index, "generator_updates": trainer.global_step,
                                "nonfinite_steps": system.nonfinite_steps,
                                "seconds_per_step": statistics.median(timer.seconds[1:] or timer.seconds or [0.0]),

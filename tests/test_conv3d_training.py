@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from amortized3d.benchmark_steps import make_step_runner
-from amortized3d.train import build_system, train
+from amortized3d.build import build_system
+from amortized3d.train import train
 from conftest import compose
 
 # The CPU test config: a 16^3 x 8 grid from 16 -> 8 channel blocks.
@@ -74,9 +75,9 @@ def test_latent_is_fresh_per_step_and_keyed_by_it_so_resume_is_exact(tmp_path, c
 
     def gen_state(run):
         state = torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        return {k: v for k, v in state["state_dict"].items() if k.startswith("generator.")}
+        return {k: v for k, v in state["state_dict"].items() if k.startswith("model.generator.")}
 
     full, resumed = gen_state("full"), gen_state("part")
-    assert full.keys() == resumed.keys() and "generator.eval_z" in full
+    assert full.keys() == resumed.keys() and "model.generator.eval_z" in full
     diff = {k: (full[k] - resumed[k]).abs().max().item() for k in full if not torch.equal(full[k], resumed[k])}
     assert not diff, diff

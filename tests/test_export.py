@@ -146,19 +146,20 @@ def test_surface_of_an_analytic_sphere_field_has_the_right_volume(kind):
 
 
 def test_export_of_a_prompt_never_seen_in_training(tmp_path, cache_dir):
+    from amortized3d.build import build_model, load_run_corpus
     from amortized3d.cameras import orbit_cameras
     from amortized3d.export import export_prompt
-    from amortized3d.train import build_system
     from conftest import compose
 
-    system, _, corpus = build_system(compose(tmp_path, cache_dir))
+    cfg = compose(tmp_path, cache_dir)
+    model = build_model(cfg, load_run_corpus(cfg))  # what export builds: the model, no prior or guidance
     prompt = "a purple torus"  # held out of the training split
-    assert prompt not in system.train_prompts
-    mesh_path = export_prompt(system.eval(), prompt, tmp_path / "t.ply", mesh_resolution=32)
+    assert prompt not in model.train_prompts
+    mesh_path = export_prompt(model.eval(), prompt, tmp_path / "t.ply", mesh_resolution=32)
     mesh = trimesh.load(mesh_path, force="mesh")
     # the untrained generator's SDF starts as a 0.5 sphere (renderer config): about its volume
     assert 0.2 < (3 * mesh.volume / (4 * math.pi)) ** (1 / 3) < 0.8
-    video = export_prompt(system, prompt, tmp_path / "t.gif", cameras=orbit_cameras(5, 16), fps=5)
+    video = export_prompt(model, prompt, tmp_path / "t.gif", cameras=orbit_cameras(5, 16), fps=5)
     assert iio.imread(video, index=None).shape == (5, 16, 16, 3)
     with pytest.raises(ValueError, match="mp4, gif, obj, ply, glb"):
-        export_prompt(system, prompt, tmp_path / "t.stl")
+        export_prompt(model, prompt, tmp_path / "t.stl")

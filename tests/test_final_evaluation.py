@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from amortized3d.build import build_system
 from amortized3d.evaluation.final import evaluate_run
 from amortized3d.evaluation.orbit import Orbit
-from amortized3d.train import build_system
 from conftest import compose
 from sd_helpers import sd_overrides
 
@@ -18,12 +18,12 @@ def test_sd_prior_final_evaluation_renders_only_a_bounded_video_subset(tmp_path,
     rendered: list[int] = []
     hook = system.generator.register_forward_hook(lambda m, args, out: rendered.append(1))
     try:
-        metrics = evaluate_run(system, prior, corpus, cfg.evaluation, tmp_path)
+        metrics = evaluate_run(system.model, prior, corpus, cfg.evaluation, tmp_path)
         per_eval = len(rendered)
         rendered.clear()
         first_val = system.renderable(corpus.unique("val"))[0]
         with torch.no_grad():
-            Orbit.from_settings(cfg.evaluation, system.renderer).render(system, first_val)
+            Orbit.from_settings(cfg.evaluation, system.renderer).render(system.model, first_val)
         per_prompt = len(rendered)
     finally:
         hook.remove()

@@ -88,13 +88,13 @@ def test_row2_checkpoint_with_flipped_bytes_is_refused_with_its_path(tmp_path):
 
 
 def test_row2_trained_checkpoint_damage_is_refused_by_evaluate_and_export(tmp_path, cache_dir, checkpoint):
-    from amortized3d.evaluation.checkpoint import load_system
+    from amortized3d.evaluation.checkpoint import load_model
 
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(checkpoint.read_bytes())
     _flip(damaged, _tensor_data_offset(damaged, "/data/3"))
     with pytest.raises(ValueError, match="damaged") as err:
-        load_system(damaged, [f"paths.cache_dir={cache_dir}"], with_guidance=False)
+        load_model(damaged, [f"paths.cache_dir={cache_dir}"])
     assert str(damaged) in str(err.value)
     from amortized3d.evaluation.exporting import export
 
@@ -171,7 +171,7 @@ def test_row2_checksum_travels_inside_the_file_and_keeps_it_a_standard_torch_fil
 # ---------------------------------------------------------------- row 12: bad files name their path
 def test_row12_empty_and_random_checkpoints_name_path_in_every_loader(tmp_path, cache_dir):
     from amortized3d.checkpoint_io import AtomicCheckpointIO
-    from amortized3d.evaluation.checkpoint import load_system
+    from amortized3d.evaluation.checkpoint import load_model
     from amortized3d.evaluation.evaluate import evaluate
     from amortized3d.evaluation.exporting import export
 
@@ -179,7 +179,7 @@ def test_row12_empty_and_random_checkpoints_name_path_in_every_loader(tmp_path, 
         what = {"empty": "is empty (0 bytes)", "noise": "is not a torch file"}.get(kind, "not a readable torch file")
         loaders = {
             "lightning resume io": lambda: AtomicCheckpointIO().load_checkpoint(path),
-            "load_system": lambda: load_system(path),
+            "load_model": lambda: load_model(path),
             "evaluate": lambda: evaluate(compose_task("evaluate", tmp_path / "e", cache_dir, f"ckpt_path={path}",
                                                       "evaluator=oracle")),
             "export": lambda: export(compose_task("export", tmp_path / "x", cache_dir, f"ckpt_path={path}",
@@ -211,7 +211,7 @@ class _Payload:
 
 def test_row15_pickle_payload_does_not_run_in_evaluate_export_or_resume(tmp_path, cache_dir, checkpoint):
     from amortized3d.checkpoint_io import AtomicCheckpointIO
-    from amortized3d.evaluation.checkpoint import load_system
+    from amortized3d.evaluation.checkpoint import load_model
     from amortized3d.evaluation.exporting import export
 
     marker = tmp_path / "marker"
@@ -220,7 +220,7 @@ def test_row15_pickle_payload_does_not_run_in_evaluate_export_or_resume(tmp_path
     evil = tmp_path / "evil.ckpt"
     torch.save(ckpt, evil)
     loaders = {
-        "load_system": lambda: load_system(evil, [f"paths.cache_dir={cache_dir}"]),
+        "load_model": lambda: load_model(evil, [f"paths.cache_dir={cache_dir}"]),
         "export": lambda: export(compose_task("export", tmp_path / "x", cache_dir, f"ckpt_path={evil}",
                                               "prompt=a red cube")),
         "lightning resume io": lambda: AtomicCheckpointIO().load_checkpoint(evil),
@@ -239,7 +239,7 @@ def test_row15_pickle_payload_does_not_run_in_evaluate_export_or_resume(tmp_path
 def _nan_checkpoint(checkpoint: Path, path: Path) -> Path:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     for key, value in ckpt["state_dict"].items():
-        if key.startswith("generator.") and isinstance(value, torch.Tensor) and value.is_floating_point():
+        if key.startswith("model.generator.") and isinstance(value, torch.Tensor) and value.is_floating_point():
             value.fill_(float("nan"))
     torch.save(ckpt, path)
     return path
@@ -362,7 +362,7 @@ def test_row13_reference_cache_on_a_full_filesystem_keeps_the_renders(full_fs, c
 
 # ---------------------------------------------------------------- row 14: hub id vs path
 def test_row14_hub_id_and_paths_are_told_apart():
-    from amortized3d.priors.sd_loading import missing_weights_message
+    from amortized3d.sd_loading import missing_weights_message
 
     hub = missing_weights_message("nobody/not-a-model", "unet")
     assert "hub id 'nobody/not-a-model'" in hub and "huggingface-cli download nobody/not-a-model" in hub
@@ -376,7 +376,7 @@ def test_row14_hub_id_and_paths_are_told_apart():
 def test_row14_offline_hub_id_through_the_real_loader(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
 
-    from amortized3d.priors.sd_loading import MissingWeightsError, load_component
+    from amortized3d.sd_loading import MissingWeightsError, load_component
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

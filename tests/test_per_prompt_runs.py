@@ -12,7 +12,8 @@ import torch
 from omegaconf.errors import MissingMandatoryValue
 
 from amortized3d.corpora import Corpus
-from amortized3d.train import build_system, train
+from amortized3d.build import build_system
+from amortized3d.train import train
 from conftest import CONFIGS, compose
 from sd_helpers import sd_overrides
 
@@ -60,7 +61,7 @@ def test_a_per_prompt_run_trains_only_its_prompt(tmp_path, tiny_sd, corpus_file)
     assert metrics["training"]["steps"] == 3 and metrics["training"]["nonfinite_steps"] == 0
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["hyper_parameters"]["config"]["data"]["prompt_index"] == 1  # evaluation rebuilds the same run
-    assert state["state_dict"]["generator.sdf_layers.0"].shape[0] == 1  # one iNGP, not one per corpus prompt
+    assert state["state_dict"]["model.generator.sdf_layers.0"].shape[0] == 1  # one iNGP, not one per corpus prompt
     system, _, corpus = build_system(cfg)
     assert system.train_prompts == [PROMPTS[1]] and corpus.unique("test") == tuple(PROMPTS)  # candidates kept
 

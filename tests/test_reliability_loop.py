@@ -92,7 +92,7 @@ def test_nan_pixel_in_prior_references_stops_naming_the_prior(tmp_path, cache_di
 
     from amortized3d.data import PromptDataModule
     from amortized3d.priors.analytic import AnalyticPrior
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
 
     system, prior, corpus = build_system(compose(tmp_path, cache_dir))  # default limit: 5
     images = prior.references.images.clone()
@@ -130,7 +130,7 @@ def test_corrupt_adam_state_is_rolled_back_then_stops(tmp_path, cache_dir, base_
     assert f"last good checkpoint: {run / 'checkpoints' / 'step_000002.ckpt'}" in str(e)
     # nothing non-finite was written: last.ckpt is still the resumed state
     assert all(torch.isfinite(v).all() for k, v in _load(last)["state_dict"].items()
-               if k.startswith("generator.") and isinstance(v, torch.Tensor) and v.is_floating_point())
+               if k.startswith("model.generator.") and isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 # ---------------------------------------------------------------- row 3: resume guard

@@ -9,7 +9,7 @@ from conftest import compose
 
 def _generator_state(ckpt_path) -> dict:
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("generator.")}
+    return {k: v for k, v in state.items() if k.startswith("model.generator.")}
 
 
 def test_resume_with_empty_space_skipping_matches_uninterrupted_run(tmp_path, cache_dir):

@@ -50,7 +50,7 @@ def test_changed_corpus_rebuilds_and_corrupt_token_file_is_detected(tmp_path, en
 
 def test_precompute_fills_the_cache_that_training_reads(tmp_path, cache_dir, tiny_sd):
     from amortized3d.text.precompute import precompute_text_embeddings
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
     from conftest import compose
     from sd_helpers import sd_overrides
 

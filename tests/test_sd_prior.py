@@ -8,7 +8,7 @@ import torch
 
 from amortized3d.priors.lora_score_model import LoRAScoreModel
 from amortized3d.priors.sd_conditioning import combine_perp_neg, perpendicular
-from amortized3d.priors.sd_loading import MissingWeightsError
+from amortized3d.sd_loading import MissingWeightsError
 from amortized3d.priors.stable_diffusion import StableDiffusionPrior
 from amortized3d.text.clip import CLIPTextEncoder
 
@@ -32,7 +32,7 @@ def test_missing_local_weights_name_the_path_and_the_fix(tmp_path):
 
 
 def test_missing_hub_weights_offline_name_the_id_and_the_cache(tmp_path, cache_dir, monkeypatch):
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
     from conftest import compose
     from sd_helpers import sd_overrides
 

@@ -53,7 +53,7 @@ def test_sd_prior_trains_slow(tmp_path, cache_dir, tiny_sd, guidance):
 
 def test_sd_generator_conditioning_is_the_prior_clip_pooled_output(tmp_path, cache_dir, tiny_sd):
     from amortized3d.text.clip import CLIPTextEncoder
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
 
     system, prior, _ = build_system(compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), tiny=False))
     assert isinstance(system.text_encoder, CLIPTextEncoder)
@@ -63,11 +63,17 @@ def test_sd_generator_conditioning_is_the_prior_clip_pooled_output(tmp_path, cac
 
 
 def _check_lora_round_trip(tmp_path) -> None:
-    from amortized3d.evaluation.checkpoint import load_system
+    from omegaconf import OmegaConf
+
+    from amortized3d.build import build_system
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    system, *_ = load_system(ckpt)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved = dict(checkpoint["state_dict"])
+    # the whole system (model + guidance) from the checkpoint's config, restored as a resume restores it
+    system, *_ = build_system(OmegaConf.create(checkpoint["hyper_parameters"]["config"]))
+    system.on_load_checkpoint(checkpoint)
+    system.load_state_dict(checkpoint["state_dict"])
     lora = system.guidance.score_model.trainable_parameters()
     assert any(float(saved[f"guidance.score_model.{n}"].abs().max()) > 0 for n in lora if "lora_B" in n)  # trained
     for name, param in lora.items():
@@ -77,15 +83,17 @@ def _check_lora_round_trip(tmp_path) -> None:
 
 def _check_render_only_load(ckpt, full) -> None:
     """Evaluation and export load without the SD prior (no UNet/VAE) and render exactly the same."""
-    from amortized3d.cameras import orbit_cameras
-    from amortized3d.evaluation.checkpoint import load_system
+    import lightning as L
 
-    render_only, prior, *_ = load_system(ckpt, with_guidance=False)
-    assert prior is None and render_only.guidance is None
+    from amortized3d.cameras import orbit_cameras
+    from amortized3d.evaluation.checkpoint import load_model
+    from amortized3d.model import AmortizedModel
+
+    render_only, prior, *_ = load_model(ckpt)
+    assert prior is None and isinstance(render_only, AmortizedModel) and not isinstance(render_only, L.LightningModule)
+    assert not hasattr(render_only, "guidance")
     assert not any(k.startswith("guidance.") for k in render_only.state_dict())
     cams = orbit_cameras(2, 16)
     with torch.no_grad():
         expected = full.eval().render(full.train_prompts[:1], cams).rgb
         torch.testing.assert_close(render_only.render(full.train_prompts[:1], cams).rgb, expected)
-    with pytest.raises(RuntimeError, match="without a guidance"):
-        render_only.setup("fit")

@@ -16,7 +16,7 @@ from conftest import ROOT, compose
 
 def _generator_state(ckpt_path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("generator.")}
+    return {k: v for k, v in state.items() if k.startswith("model.generator.")}
 
 
 def test_per_prompt_ingp_trains_validates_and_skips_unseen_prompts(tmp_path, cache_dir):
@@ -77,7 +77,7 @@ class _NaNEverySecondStep(SDSGuidance):
 
 
 def test_nonfinite_gradients_are_skipped_and_counted(tmp_path, cache_dir):
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
 
     cfg = compose(tmp_path, cache_dir, "trainer.max_steps=4")
     system, prior, corpus = build_system(cfg)
@@ -108,7 +108,7 @@ def test_unknown_config_choice_lists_valid_options():
 
 
 def test_unparseable_prompt_for_analytic_world_names_valid_words(tmp_path, cache_dir):
-    from amortized3d.train import build_system
+    from amortized3d.build import build_system
 
     corpus = tmp_path / "c.json"
     corpus.write_text(json.dumps({"train": ["a squirrel on a motorbike"], "val": ["a red cube"]}))

@@ -13,7 +13,8 @@ from amortized3d.guidance.base import GuidanceInput
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
 from amortized3d.priors.gaussian import GaussianPrior
 from amortized3d.priors.score_models import GaussianScoreModel, ScoreModel, SmallUNetScoreModel
-from amortized3d.train import build_system, train
+from amortized3d.build import build_system
+from amortized3d.train import train
 from conftest import compose
 
 D = 4

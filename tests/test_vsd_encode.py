@@ -7,7 +7,7 @@ import torch
 
 from amortized3d.benchmark_steps import make_step_runner
 from amortized3d.guidance.base import Guidance
-from amortized3d.train import build_system
+from amortized3d.build import build_system
 from conftest import compose
 from sd_helpers import sd_overrides
 

@@ -1,28 +1,42 @@
-"""Rebuild a trained system from a checkpoint alone (its resolved config is stored inside)."""
+"""Rebuild a trained model from a checkpoint alone (its resolved config is stored inside).
+
+Only the model is built and loaded (``model.*`` state keys; pre-split checkpoints are mapped by
+:func:`amortized3d.model.upgrade_state_dict`): no guidance, no optimiser. The model is bound to
+the checkpoint's own ``train_prompts`` list, so neither an edited corpus file nor another corpus
+can make a per-prompt table or field render a prompt it was not trained on.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from amortized3d.build import build_model, build_prior, load_run_corpus, run_corpus
 from amortized3d.checkpoint_io import CheckpointError, load_torch
-from amortized3d.corpora import Corpus, CorpusNotFoundError, load_corpus
+from amortized3d.corpora import Corpus, CorpusNotFoundError
+from amortized3d.model import AmortizedModel, model_state_dict
 
 log = logging.getLogger(__name__)
 
 
-def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu",
-                with_guidance: bool = True):
-    """(system, prior, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
+class LoadedModel(NamedTuple):
+    model: AmortizedModel
+    prior: Any  # None unless with_prior (the oracle needs its ground-truth world)
+    corpus: Corpus
+    cfg: DictConfig
+
+
+def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu", *,
+               with_prior: bool = False) -> LoadedModel:
+    """(model in eval mode, prior, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
 
     Overrides may change what does not alter parameter shapes (evaluation settings, the cache
-    directory, the renderer's sample budget, ...). ``with_guidance=False``: a render-only system
-    (prior None), without building the prior (for Stable Diffusion: no UNet or VAE is loaded).
+    directory, the renderer's sample budget, ...). ``with_prior``: also build the prior from the
+    checkpoint's config (for Stable Diffusion that loads its UNet and VAE; only the oracle needs it).
     """
-    from amortized3d.train import build_system
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected DIR/checkpoints/last.ckpt "
@@ -38,29 +52,70 @@ def load_system(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locati
     cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
     saved_prompts = (ckpt.get("amortized3d") or {}).get("train_prompts")
     corpus = _corpus_of(cfg, saved_prompts, path)
-    system, prior, corpus = build_system(cfg, corpus, with_guidance=with_guidance, train_prompts=saved_prompts)
-    if not with_guidance:
-        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("guidance.")}
-    system.on_load_checkpoint(ckpt)
-    system.load_state_dict(ckpt["state_dict"])
-    return system.eval(), prior, corpus, cfg
+    if saved_prompts is None:  # a checkpoint older than the stored list: bound as its run was
+        corpus = run_corpus(cfg, corpus)
+    model = build_model(cfg, corpus, train_prompts=saved_prompts)
+    model.load_state_dict(model_state_dict(ckpt["state_dict"]))
+    prior = build_prior(cfg) if with_prior else None
+    if isinstance(prior, nn.Module):
+        prior.eval()  # frozen, and only queried
+    return LoadedModel(model.eval(), prior, corpus, cfg)
+
+
+def prompt_list_change(trained: Sequence[str], given: Sequence[str]) -> str | None:
+    """What differs between the prompts a model was trained on and a corpus' train split, in words
+    (None when they are the same list in the same order)."""
+    trained, given = list(trained), list(given)
+    if trained == given:
+        return None
+    missing = [p for p in trained if p not in set(given)]
+    extra = [p for p in given if p not in set(trained)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} trained prompt(s) not in it ({_first(missing)})")
+    if extra:
+        parts.append(f"{len(extra)} prompt(s) the model was not trained on ({_first(extra)})")
+    if not parts:
+        parts.append("the same prompts in another order")
+    return "; ".join(parts)
+
+
+def _first(prompts: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(p) for p in prompts[:n])
+    return shown + (f", ... {len(prompts) - n} more" if len(prompts) > n else "")
+
+
+def warn_if_prompts_differ(corpus: Corpus, split: str, trained: Sequence[str], source: Any) -> None:
+    change = prompt_list_change(trained, corpus.unique(split))
+    if change is not None:
+        log.warning("the %r split of corpus %s differs from the %d prompts %s was trained on: %s. The model stays "
+                    "bound to the checkpoint's own list (each prompt renders from its own table row / field); "
+                    "the corpus only supplies candidates, and 'seen' means seen in training", split, corpus.name,
+                    len(list(trained)), source, change)
 
 
 def _corpus_of(cfg, saved_prompts: list[str] | None, path: Path) -> Corpus:
     """The run's corpus; when its file is gone, a train-only corpus of the checkpoint's own prompts.
 
-    The generator is bound to ``saved_prompts`` (the checkpoint's list, in its order) either way, so
+    The model is bound to ``saved_prompts`` (the checkpoint's list, in its order) either way, so
     an edited or reordered corpus file can change which prompts are *candidates*, never which field
     renders which prompt; a change is reported.
     """
     try:
-        corpus = load_corpus(cfg.data.corpus_path or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
+        corpus = load_run_corpus(cfg)
     except CorpusNotFoundError as err:
         if saved_prompts is None:
             raise
         log.warning("%s; using the %d train prompts stored in %s", err, len(saved_prompts), path)
         return Corpus(str(cfg.data.corpus), {cfg.data.train_split: tuple(saved_prompts)}, path, "")
-    if saved_prompts is not None and list(corpus.unique(cfg.data.train_split)) != list(saved_prompts):
-        log.warning("the train split of corpus %s differs from the %d prompts %s was trained on; the generator "
-                    "stays bound to the checkpoint's own prompt list", corpus.name, len(saved_prompts), path)
+    if saved_prompts is None:
+        log.warning("%s stores no train_prompts (written before they were stored): the model is bound to the train "
+                    "split of corpus %s as it reads today, which cannot be checked against the run's", path,
+                    corpus.name)
+    else:
+        try:  # a per-prompt run trained on one prompt of the split
+            expected = run_corpus(cfg, corpus)
+        except IndexError:  # data.prompt_index is past the edited split's end
+            expected = corpus
+        warn_if_prompts_differ(expected, cfg.data.train_split, saved_prompts, path)
     return corpus

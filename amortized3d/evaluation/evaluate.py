@@ -24,6 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from amortized3d.atomic import atomic_write
+from amortized3d.corpora import load_corpus
+from amortized3d.evaluation.checkpoint import load_model, warn_if_prompts_differ
 from amortized3d.evaluation.orbit import Orbit
 from amortized3d.evaluation.scorers import Scorer, build_scorer
 from amortized3d.evaluation.shard import distributed_context, gather_results, shard_indices
@@ -56,7 +58,7 @@ def check_finite_renders(prompt: str, renders: torch.Tensor) -> None:
             "file); refusing to score it")
 
 
-def score_prompts(system, candidates: Sequence[str], indices: Sequence[int], scorer: Scorer | None, orbit: Orbit,
+def score_prompts(model, candidates: Sequence[str], indices: Sequence[int], scorer: Scorer | None, orbit: Orbit,
                   train_prompts: set[str], on_renders: Sequence[RenderSink] = ()) -> dict[int, dict]:
     """Render ``candidates[i]`` for each ``i`` in ``indices``, score it -> {i: row}.
 
@@ -68,7 +70,7 @@ def score_prompts(system, candidates: Sequence[str], indices: Sequence[int], sco
     rows = {}
     for n, i in enumerate(indices):
         prompt = candidates[i]
-        renders = orbit.render(system, prompt)
+        renders = orbit.render(model, prompt)
         check_finite_renders(prompt, renders)
         values = scorer.score(i, prompt, renders) if scorer is not None else {}
         scores = {k: float(v.double().mean()) for k, v in values.items()}
@@ -129,33 +131,31 @@ def _device(name: str) -> torch.device:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's corpus (or ``cfg.data``'s)."""
-    from amortized3d.corpora import load_corpus
-    from amortized3d.evaluation.checkpoint import load_system
-
     output_dir = Path(cfg.paths.output_dir)
     rank, world = distributed_context()
     device = _device(str(cfg.get("device", "auto")))
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
     # Only the oracle needs the prior (its ground-truth world); CLIP scores renders alone.
-    system, prior, corpus, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
-                                                  with_guidance=cfg.evaluator.get("name") == "oracle")
-    system = system.to(device)
+    model, prior, corpus, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
+                                                with_prior=cfg.evaluator.get("name") == "oracle")
+    model = model.to(device)
     if cfg.get("data") is not None:  # another corpus' prompts, conditioned by the checkpoint's text encoder
         corpus = load_corpus(cfg.data.get("corpus_path") or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
+        warn_if_prompts_differ(corpus, ckpt_cfg.data.train_split, model.train_prompts, cfg.ckpt_path)
     candidates = list(corpus.unique(cfg.split))
-    renderable = set(system.renderable(candidates))
+    renderable = set(model.renderable(candidates))
     evaluated = [i for i, p in enumerate(candidates) if p in renderable]
     position = {i: k for k, i in enumerate(evaluated)}
     if not evaluated:
         raise ValueError(f"no prompt of split {cfg.split!r} of corpus {corpus.name!r} can be rendered by this "
-                         f"{type(system.generator).__name__} checkpoint")
-    orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), system.renderer)
+                         f"{type(model.generator).__name__} checkpoint")
+    orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), model.renderer)
     scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, prior=prior, orbit=orbit,
                           cache_dir=cfg.paths.cache_dir, device=device)
     mine = [evaluated[k] for k in shard_indices(len(evaluated), world, rank)]
     grid_views = int(cfg.get("grid_views", 8))
     sinks = [grid_writer(output_dir / "grids", grid_views)] if grid_views > 0 else []
-    local = score_prompts(system, candidates, mine, scorer, orbit, set(system.train_prompts), sinks)
+    local = score_prompts(model, candidates, mine, scorer, orbit, set(model.train_prompts), sinks)
     gathered = gather_results({position[i]: row for i, row in local.items()}, len(evaluated))
     names = [k for k in gathered[0] if k not in ("index", "prompt", "seen")]
     metrics = {"checkpoint": str(cfg.ckpt_path), "corpus": corpus.name, "split": cfg.split,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from amortized3d.corpora import check_prompt
+from amortized3d.evaluation.checkpoint import load_model
 from amortized3d.evaluation.evaluate import _device, render_settings
 from amortized3d.evaluation.orbit import Orbit
 from amortized3d.export import MESH_FORMATS, VIDEO_FORMATS, export_prompt
@@ -17,29 +19,26 @@ FORMATS = tuple(s[1:] for s in VIDEO_FORMATS + MESH_FORMATS)
 
 def export(cfg: DictConfig) -> list[Path]:
     """Write ``cfg.prompt`` in every format of ``cfg.format`` (one name or a list) -> the paths."""
-    from amortized3d.corpora import check_prompt
-    from amortized3d.evaluation.checkpoint import load_system
-
     check_prompt(cfg.prompt, f"export prompt={cfg.prompt!r}")  # before loading anything
     formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown format(s) {unknown}; valid formats: {', '.join(FORMATS)}")
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
-    system, _, _, ckpt_cfg = load_system(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])], with_guidance=False)
-    system = system.to(_device(str(cfg.get("device", "auto"))))
+    model, _, _, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
+    model = model.to(_device(str(cfg.get("device", "auto"))))
     out_dir = Path(cfg.paths.output_dir)
     stem = cfg.get("name") or slugify(cfg.prompt)
     written = []
     for fmt in formats:
         path = out_dir / f"{stem}.{fmt}"
         if f".{fmt}" in VIDEO_FORMATS:
-            orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), system.renderer)
-            export_prompt(system, cfg.prompt, path, cameras=orbit.cameras, bake=orbit.bake, renderer=orbit.renderer,
+            orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), model.renderer)
+            export_prompt(model, cfg.prompt, path, cameras=orbit.cameras, bake=orbit.bake, renderer=orbit.renderer,
                           fps=int(cfg.fps))
         else:
-            bound = cfg.mesh.bound if cfg.mesh.bound is not None else float(system.renderer.bound_radius or 1.0)
-            export_prompt(system, cfg.prompt, path, mesh_resolution=int(cfg.mesh.resolution), bound=float(bound),
+            bound = cfg.mesh.bound if cfg.mesh.bound is not None else float(model.renderer.bound_radius or 1.0)
+            export_prompt(model, cfg.prompt, path, mesh_resolution=int(cfg.mesh.resolution), bound=float(bound),
                           level=float(cfg.mesh.level), density_threshold=float(cfg.mesh.density_threshold),
                           chunk=int(cfg.mesh.chunk))
         log.info("wrote %s", path)

@@ -19,21 +19,21 @@ from typing import Any
 from torch import Tensor
 
 from amortized3d.evaluation.evaluate import score_prompts, summarize_rows
+from amortized3d.evaluation.oracle import corpus_prompts
 from amortized3d.evaluation.orbit import Orbit, slugify
 from amortized3d.evaluation.scorers import OracleScorer
 from amortized3d.export import write_video
+from amortized3d.model import AmortizedModel
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
+def evaluate_run(model: AmortizedModel, prior, corpus, cfg: Any, output_dir: Path) -> dict:
     """``cfg``: the run's ``evaluation:`` node (orbit settings, splits, videos, video_fps)."""
-    from amortized3d.evaluation.oracle import corpus_prompts
-
-    orbit = Orbit.from_settings(cfg, system.renderer)
+    orbit = Orbit.from_settings(cfg, model.renderer)
     world = getattr(prior, "world", None)
     scorer = OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake) if world else None
-    video_list = system.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
+    video_list = model.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
     if scorer is None:
         prompts_by_split = {}
         max_videos = cfg.get("max_videos", 4)
@@ -44,7 +44,7 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
                  list(cfg.splits or []), len(kept), len(video_list), cfg.get("videos"))
         video_list = kept
     else:
-        prompts_by_split = {s: system.renderable(corpus.unique(s)) for s in (cfg.splits or [])}
+        prompts_by_split = {s: model.renderable(corpus.unique(s)) for s in (cfg.splits or [])}
     video_prompts = set(video_list)
     prompts = list(dict.fromkeys([p for ps in prompts_by_split.values() for p in ps] + video_list))
     video_dir = output_dir / "videos"
@@ -53,7 +53,7 @@ def evaluate_run(system, prior, corpus, cfg: Any, output_dir: Path) -> dict:
         if prompt in video_prompts:
             write_video(renders, video_dir / f"{slugify(prompt)}.mp4", fps=cfg.video_fps)
 
-    rows = score_prompts(system, prompts, range(len(prompts)), scorer, orbit, set(system.train_prompts),
+    rows = score_prompts(model, prompts, range(len(prompts)), scorer, orbit, set(model.train_prompts),
                          [write_turntable])
     row_of = {row["prompt"]: row for row in rows.values()}
     metrics: dict[str, Any] = {"evaluation": {**orbit.describe(), "scorer": "oracle" if scorer else None,

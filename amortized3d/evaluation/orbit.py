@@ -15,11 +15,12 @@ from amortized3d.slugs import slugify  # noqa: F401  (re-exported: callers impor
 
 
 @torch.no_grad()
-def render_turntable(system, prompt: str, cameras: CameraBatch, bake: tuple[int, float] | None,
+def render_turntable(model, prompt: str, cameras: CameraBatch, bake: tuple[int, float] | None,
                      renderer=None) -> Tensor:
-    """[V,3,H,W] renders of one prompt (the renderer chunks rays)."""
-    system.eval()
-    return system.render([prompt], cameras, bake=bake, renderer=renderer).rgb.cpu()
+    """[V,3,H,W] renders of one prompt by an :class:`amortized3d.model.AmortizedModel`, in eval
+    mode for the call (the renderer chunks rays)."""
+    with model.evaluating():
+        return model.render([prompt], cameras, bake=bake, renderer=renderer).rgb.cpu()
 
 
 def evaluation_renderer(renderer, cfg: Any):
@@ -58,8 +59,8 @@ class Orbit:
         return cls(cameras, evaluation_renderer(training_renderer, settings), bake_settings(settings, training_renderer),
                    {k: settings.get(k) for k in ("resolution", "elevation_deg", "distance", "fovy_deg")})
 
-    def render(self, system, prompt: str) -> Tensor:
-        return render_turntable(system, prompt, self.cameras, self.bake, self.renderer)
+    def render(self, model, prompt: str) -> Tensor:
+        return render_turntable(model, prompt, self.cameras, self.bake, self.renderer)
 
     def describe(self) -> dict:
         """What metrics.json records about the evaluation views."""

@@ -125,7 +125,7 @@ class LoRAScoreModel(ScoreModel):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         from amortized3d.priors.schedule import NoiseSchedule
-        from amortized3d.priors.sd_loading import freeze, load_component
+        from amortized3d.sd_loading import freeze, load_component
 
         name = self.base_model_name_or_path
         common = {"revision": self.revision, "local_files_only": self.local_files_only}

@@ -28,7 +28,7 @@ from amortized3d.priors.base import Prior
 from amortized3d.priors.schedule import NoiseSchedule, cfg_mix
 from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, combine_perp_neg, perp_neg_mixing,
                                                 view_prompt)
-from amortized3d.priors.sd_loading import (configure_attention, fit_tokenizer_length, freeze, load_component,
+from amortized3d.sd_loading import (configure_attention, fit_tokenizer_length, freeze, load_component,
                                            load_unet_vae_scheduler, resolve_device, resolve_dtype)
 from amortized3d.text.clip import clip_outputs, register_text_model, shared_text_model, tokenize
 

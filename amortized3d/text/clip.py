@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.fingerprint import files_fingerprint
-from amortized3d.priors.sd_loading import (MissingWeightsError, fit_tokenizer_length, freeze, load_component,
+from amortized3d.sd_loading import (MissingWeightsError, fit_tokenizer_length, freeze, load_component,
                                            missing_weights_message, resolve_device, resolve_dtype)
 from amortized3d.text.base import TextEncoder
 from amortized3d.text.cache import local_rank_from_env

@@ -1,6 +1,6 @@
 """Precompute the text-embedding cache of a corpus with a prior's text encoder (before training).
 
-Training builds the same files on demand (``train.build_system``); running this first keeps the
+Training builds the same files on demand (``build.build_model``); running this first keeps the
 encoder off the training GPUs and lets every rank of a large run start from a warm cache.
 """
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Loading Stable Diffusion components (diffusers layout) from a hub id or a local directory.
 
+Shared by ``priors/`` (UNet, VAE, scheduler) and ``text/clip.py`` (tokenizer, text encoder), so it
+sits below both (a text encoder never imports a prior).
+
 Every component is loaded by subfolder with its library's ``from_pretrained`` (what
 ``StableDiffusionPipeline`` does), so a hub id, a snapshot in the Hugging Face cache and a
 directory written by ``save_pretrained`` all go through the same code. Weights cannot be
