@@ -85,6 +85,56 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
     return rows
 
 
+def bench_mlp(fields: int = 8, points: int = 49152, in_dim: int = 12, hidden: int = 64, rounds: int = 5,
+              compile: bool = False) -> list[dict]:
+    """Forward+backward of the generated MLP heads (sdf in->hidden->1, albedo in->hidden->3, per-field
+    weights), as the quickstart's training render calls them (defaults: 8 prompts x 1024 rays x 48
+    samples, 6 levels x 2 features): the two-head batched_mlp path ("old", ``fused_mlp=False``), both
+    heads as one network in one pass, and chunked (``fused_mlp=True``), interleaved. With ``compile``, also
+    ``torch.compile(dynamic=True)`` of the old path, with its start-up cost (first call, and a new
+    point count: empty-space skipping changes it every step)."""
+    from amortized3d.generators.mlp import batched_mlp, chunked_mlp, fuse_heads, kaiming_weights, mlp_shapes
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x = torch.randn(fields, points, in_dim, device=device, requires_grad=True)
+    sdf = [w.to(device).requires_grad_() for w in kaiming_weights(mlp_shapes(in_dim, hidden, 1), fields)]
+    rgb = [w.to(device).requires_grad_() for w in kaiming_weights(mlp_shapes(in_dim, hidden, 3), fields)]
+    leaves = [x, *sdf, *rgb]
+
+    def old(x, sdf, rgb):
+        return torch.cat([batched_mlp(x, sdf), batched_mlp(x, rgb)], dim=-1)
+
+    def step(fn):
+        def run():
+            fn(x, sdf, rgb).sum().backward()
+            for t in leaves:
+                t.grad = None
+        return run
+
+    candidates = {"old: two heads, batched_mlp": step(old),
+                  "fused heads, one pass": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r]), chunk=points)),
+                  "new: fused heads, chunked (fused_mlp=true)": step(lambda x, s, r: chunked_mlp(x, fuse_heads([s, r])))}
+    startup: dict[str, float] = {}
+    if compile:
+        compiled = torch.compile(old, dynamic=True)
+        t0 = time.perf_counter()
+        step(compiled)()
+        startup["first call"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled(x[:, : points // 2 + 1], sdf, rgb).sum().backward()
+        startup["new point count"] = time.perf_counter() - t0
+        candidates["torch.compile(old, dynamic=True)"] = step(compiled)
+    times = time_interleaved(candidates, rounds=rounds)
+    base = times["old: two heads, batched_mlp"]
+    rows = [{"benchmark": "mlp heads fwd+bwd", "variant": k, "device": device, "points": fields * points,
+             "seconds": v, "speedup_vs_old": base / v} for k, v in times.items()]
+    for k, v in startup.items():
+        rows.append({"benchmark": "mlp heads fwd+bwd", "variant": f"torch.compile start-up ({k})",
+                     "device": device, "seconds": v})
+    return rows
+
+
 def _build_systems(variants: dict[str, Sequence[str]], cache_dir: str | None = None) -> dict:
     """{name: (system, cfg)} from ``configs/train.yaml`` with each variant's Hydra overrides."""
     from hydra import compose, initialize_config_dir
@@ -121,9 +171,11 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
     at the configured resolution and sample budget (rows without a suffix: as configured). With
-    ``compare`` every row also for the previous path ("[old]": hash grid ``fused=False``, no
-    skipping) and with ``renderer.skip_empty_space`` on ("[skip]"), interleaved on the same
-    system; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
+    ``compare`` every row also for the previous paths, interleaved on the same system: "[old]"
+    (hash grid ``fused=False``, two-head MLPs, no skipping: before session 6), "[fused mlp]" (the
+    configured grid with ``fused_mlp=True``) and "[fused mlp + skip]" (also
+    ``renderer.skip_empty_space``); generators without the MLP switch get "[skip]"; ``speedup_vs_old``
+    is each row's ratio to its "[old]" twin."""
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
     prompts = system.train_prompts[:views]
     res = int(cfg.system.resolution)
@@ -141,29 +193,41 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
         return lambda: system.render(prompts[:1], eval_views, bake=bake_grid, renderer=eval_renderer)
 
     grids = [m for m in system.generator.modules() if isinstance(m, HashGridEncoding)]
+    gen = system.generator
+    has_mlp_switch = hasattr(gen, "fused_mlp")
 
-    def configured(fn, fused: bool, skip: bool):  # the same system, hash grid path and skipping set per call
+    def configured(fn, fused: bool, fused_mlp: bool, skip: bool):
+        """The same system with the hash grid path, the MLP path and skipping set per call."""
         def run():
-            before = ([g.fused for g in grids], system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
+            before = ([g.fused for g in grids], getattr(gen, "fused_mlp", None),
+                      system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
             for g in grids:
                 g.fused = fused
+            if has_mlp_switch:
+                gen.fused_mlp = fused_mlp
             system.renderer.skip_empty_space = eval_renderer.skip_empty_space = skip
             try:
                 return fn()
             finally:
                 for g, f in zip(grids, before[0]):
                     g.fused = f
-                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[1:]
+                if has_mlp_switch:
+                    gen.fused_mlp = before[1]
+                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[2:]
         return run
 
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
     if bake is not None:
         candidates[f"eval: baked {bake[0]}^3 grid (no grad)"] = eval_render(bake)
-    if compare:  # + the previous path ("[old]": fused=False, no skipping) and "[skip]" (skipping on)
-        fused_now = all(g.fused for g in grids)
-        candidates = {**{f"{k} {v}": configured(fn, *flags) for k, fn in candidates.items()
-                         for v, flags in {"[old]": (False, False), "[skip]": (fused_now, True)}.items()},
-                      **candidates}
+    if compare:  # + the previous paths and skipping on, each row's variants next to each other
+        now = (all(g.fused for g in grids), bool(getattr(gen, "fused_mlp", False)))
+        skip_now = system.renderer.skip_empty_space
+        variants = {"[old]": (False, False, False), "": (*now, skip_now),
+                    "[fused mlp]": (now[0], True, False), "[fused mlp + skip]": (now[0], True, True)}
+        if not has_mlp_switch:  # e.g. 3DConv-net: no generated MLP heads to fuse
+            variants = {"[old]": (False, False, False), "": (*now, skip_now), "[skip]": (*now, True)}
+        candidates = {f"{k} {v}".rstrip(): configured(fn, *flags) for k, fn in candidates.items()
+                      for v, flags in variants.items()}
     times = time_interleaved(candidates, rounds=rounds)
     rays = {k: len(prompts) * res * res if k.startswith("train") else len(eval_views) * eval_res * eval_res
             for k in times}

@@ -4,6 +4,7 @@
     python scripts/benchmark.py                       # all below but conv3d_memory
     python scripts/benchmark.py --only hash_grid --json out.json
     python scripts/benchmark.py --only render         # rays/s of training and evaluation renders
+    python scripts/benchmark.py --only mlp [--compile] # generated MLP heads fwd+bwd: old, fused, chunked (+ torch.compile)
     python scripts/benchmark.py --only cache_size     # bytes per prompt of the text cache
     python scripts/benchmark.py --only conv3d_memory  # 3DConv-net params + peak memory per prompt (minutes on CPU)
     python scripts/benchmark.py --only scale --sizes 15 100000 1000000  # R@1 s/prompt, data s/step, old vs new
@@ -18,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amortized3d.benchmark import (bench_cache_size, bench_conv3d_memory, bench_hash_grid, bench_render,  # noqa: E402
-                                   bench_training_steps, write_report)
+from amortized3d.benchmark import (bench_cache_size, bench_conv3d_memory, bench_hash_grid, bench_mlp,  # noqa: E402
+                                   bench_render, bench_training_steps, write_report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["hash_grid", "render", "steps", "cache_size", "conv3d_memory", "scale",
+    parser.add_argument("--only", choices=["hash_grid", "mlp", "render", "steps", "cache_size", "conv3d_memory", "scale",
                                            "sd_fullsize"],
                         default=None, help="default: all but conv3d_memory and sd_fullsize (minutes on a CPU)")
     parser.add_argument("--guidances", nargs="+", default=None,
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--conv3d", nargs=3, type=int, default=[128, 32, 1], metavar=("RES", "CH", "MULT"),
                         help="3DConv-net grid resolution, channels, channel multiplier")
     parser.add_argument("--sizes", nargs="*", type=int, default=None, help="corpus sizes for --only scale")
+    parser.add_argument("--compile", action="store_true", help="mlp: also torch.compile the old path (start-up cost)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     if args.write_model:
@@ -52,6 +54,8 @@ def main() -> None:
     rows = []
     if args.only in (None, "hash_grid"):
         rows += bench_hash_grid(args.points, rounds=args.rounds)
+    if args.only in (None, "mlp"):
+        rows += bench_mlp(rounds=args.rounds, compile=args.compile)
     if args.only in (None, "render"):
         rows += bench_render(args.override, rounds=args.rounds)
     guidances = args.guidances or ["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"]

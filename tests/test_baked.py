@@ -1,6 +1,7 @@
 """Baked evaluation renders agree with direct rendering (the approximation is bounded)."""
 import math
 
+import pytest
 import torch
 
 from amortized3d.cameras import CameraBatch, orbit_cameras
@@ -27,7 +28,8 @@ def test_baked_world_objects_render_like_the_exact_sdf():
     assert psnr(direct, coarse) < psnr(direct, baked)  # and it converges with resolution
 
 
-def test_baked_generator_field_matches_direct_queries():
+@pytest.mark.parametrize("skip_empty_space", [False, True])
+def test_baked_generator_field_matches_direct_queries(skip_empty_space):
     torch.manual_seed(0)
     gen = HyperIngpGenerator(text_dim=16, encoding=dict(n_levels=4, log2_hashmap_size=14, base_resolution=8,
                                                         per_level_scale=1.5, bound=1.0, implementation="torch"))
@@ -39,7 +41,8 @@ def test_baked_generator_field_matches_direct_queries():
     g_baked, a_baked = baked.query(pts)
     assert (g_direct - g_baked).abs().max() < 0.05  # trilinear of a (piecewise-trilinear) hash field
     assert (a_direct - a_baked).abs().max() < 0.05
-    renderer = VolumeRenderer(num_samples=24, num_importance=24, bound_radius=1.0).eval()
+    renderer = VolumeRenderer(num_samples=24, num_importance=24, bound_radius=1.0,
+                              skip_empty_space=skip_empty_space).eval()
     cams = CameraBatch.cat([orbit_cameras(3, 24)] * 2)
     with torch.no_grad():
         assert psnr(renderer(field, cams).rgb, renderer(baked, cams).rgb) > 35.0

@@ -33,3 +33,13 @@ def test_cache_size_benchmark_returns_its_rows():
     rows = bench_cache_size(num_prompts=8, embedding_dim=32, tokens=False)
     assert [r["variant"] for r in rows] == ["pooled fp16, E=32"]
     assert rows[0]["bytes_per_prompt"] >= 2 * 32  # fp16 pooled embedding per prompt
+
+
+def test_mlp_benchmark_rows():
+    from amortized3d.benchmark import bench_mlp
+
+    rows = bench_mlp(fields=2, points=300, rounds=1)
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["old: two heads, batched_mlp"]["speedup_vs_old"] == 1.0
+    assert {"fused heads, one pass", "new: fused heads, chunked (fused_mlp=true)"} <= set(by_variant)
+    assert all(r["seconds"] > 0 for r in rows)

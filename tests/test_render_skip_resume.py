@@ -1,6 +1,7 @@
 """Training with renderer.skip_empty_space: resume stays bit-exact (the skip adds no RNG draws)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from amortized3d.train import train
@@ -12,9 +13,10 @@ def _generator_state(ckpt_path) -> dict:
     return {k: v for k, v in state.items() if k.startswith("model.generator.")}
 
 
-def test_resume_with_empty_space_skipping_matches_uninterrupted_run(tmp_path, cache_dir):
+@pytest.mark.parametrize("mlp", [[], ["+generator.fused_mlp=true"]], ids=["two_head_mlp", "fused_mlp"])
+def test_resume_with_empty_space_skipping_matches_uninterrupted_run(tmp_path, cache_dir, mlp):
     common = ["trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=3", "trainer.val_check_interval=3",
-              "renderer.skip_empty_space=true"]
+              "renderer.skip_empty_space=true", *mlp]
     train(compose(tmp_path / "full", cache_dir, *common))
     train(compose(tmp_path / "part", cache_dir, *common[1:], "trainer.max_steps=3"))
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"

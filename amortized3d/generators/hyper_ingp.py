@@ -42,6 +42,7 @@ class HyperIngpGenerator(Generator):
         activation: Activation = "relu",
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
+        fused_mlp: bool = False,
     ) -> None:
         super().__init__()
         enc_kwargs = dict(encoding or {})
@@ -83,6 +84,11 @@ class HyperIngpGenerator(Generator):
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
+        # True: both heads as one chunked network (fields.HashGridField; 2-3x faster MLPs on CPU,
+        # equal to the two-head path to 1e-10 in float64). Off by default: one 300-step quickstart
+        # with it (and skipping off) ended at R@1 0.69 (docs/results.md, session 7) and it has not
+        # been re-run on idle cores; with renderer.skip_empty_space it reached 1.000 / 0.926.
+        self.fused_mlp = bool(fused_mlp)
 
     def generate_weights(self, text_emb: Tensor) -> Tensor:
         """text [B,E] -> flat MLP weights [B, num_weights]."""
@@ -99,7 +105,7 @@ class HyperIngpGenerator(Generator):
             sdf_weights=split_flat(flat[:, :n_sdf], self.sdf_shapes),
             rgb_weights=split_flat(flat[:, n_sdf:], self.rgb_shapes),
             activation=self.activation, sdf_bias=self.sdf_bias,
-            sdf_bias_radius=self.sdf_bias_radius)
+            sdf_bias_radius=self.sdf_bias_radius, fused_mlp=self.fused_mlp)
 
     def parameter_groups(self) -> list[dict]:
         enc = list(self.encoding.parameters())

@@ -31,6 +31,7 @@ class IngpGenerator(Generator):
         activation: Activation = "relu",
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
+        fused_mlp: bool = False,
     ) -> None:
         super().__init__()
         enc_kwargs = dict(encoding or {})
@@ -45,6 +46,11 @@ class IngpGenerator(Generator):
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
+        # True: both heads as one chunked network (fields.HashGridField; 2-3x faster MLPs on CPU,
+        # equal to the two-head path to 1e-10 in float64). Off by default: one 300-step quickstart
+        # with it (and skipping off) ended at R@1 0.69 (docs/results.md, session 7) and it has not
+        # been re-run on idle cores; with renderer.skip_empty_space it reached 1.000 / 0.926.
+        self.fused_mlp = bool(fused_mlp)
 
     def forward(self, text_emb: Tensor | None, prompt_ids: Tensor, z: Tensor | None = None) -> HashGridField:
         ids = prompt_ids.long()
@@ -58,7 +64,7 @@ class IngpGenerator(Generator):
             sdf_weights=[w[ids] for w in self.sdf_layers],
             rgb_weights=[w[ids] for w in self.rgb_layers],
             activation=self.activation, sdf_bias=self.sdf_bias,
-            sdf_bias_radius=self.sdf_bias_radius)
+            sdf_bias_radius=self.sdf_bias_radius, fused_mlp=self.fused_mlp)
 
     def parameter_groups(self) -> list[dict]:
         return [
