@@ -38,7 +38,7 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 
 
 
 #: Hash-grid settings measured by :func:`bench_hash_grid`: the quickstart's (Hyper-iNGP on the
-#: analytic world, configs/prior_generator/analytic_hyper_ingp.yaml) and the paper's
+#: analytic world, prior.capacity.hash_grid in configs/prior/analytic.yaml) and the paper's
 #: (configs/generator/encoding/hash_grid.yaml).
 HASH_GRID_SETTINGS: dict[str, dict] = {
     "quickstart": {"n_levels": 6, "log2_hashmap_size": 18, "base_resolution": 8, "per_level_scale": 1.51,

@@ -32,18 +32,21 @@ class ValidationRenderWriter(L.Callback):
 class ValidationMetrics(L.Callback):
     """Cheap evaluation during training: a few val prompts, a few orbit views, every validation.
 
-    ``evaluator``: ``oracle`` (ground-truth worlds), ``clip`` (open_clip; ``clip`` holds
-    model/pretrained, missing weights are an error) or ``auto`` (oracle where the prior has a
-    world, else no metrics: auto never needs downloads). Logs ``val/<evaluator>_<metric>`` to
+    ``evaluator``: ``oracle`` (against ``world``, the run's ground truth), ``clip`` (open_clip;
+    ``clip`` holds model/pretrained, missing weights are an error) or ``auto`` (oracle where there is
+    a world, else no metrics: auto never needs downloads). Logs ``val/<evaluator>_<metric>`` to
     every logger, writes a turntable of the first prompt to ``video_dir`` and logs it to wandb.
     Rank 0 only; the fields are queried directly (no baking: few views are cheaper that way).
     """
 
     def __init__(self, evaluator: str = "auto", num_prompts: int = 4, num_views: int = 8,
                  every_n_validations: int = 1, video_dir: str | None = None, video_fps: int = 8,
-                 clip: dict | None = None):
+                 clip: dict | None = None, world=None):
         if evaluator not in ("auto", "oracle", "clip"):
             raise ValueError(f"unknown evaluator {evaluator!r}; valid: auto, oracle, clip")
+        if evaluator == "oracle" and world is None:
+            raise ValueError("ValidationMetrics(evaluator=oracle) needs a ground-truth world (world: null)")
+        self.world = world
         self.evaluator, self.num_prompts, self.num_views = evaluator, int(num_prompts), int(num_views)
         self.every, self.video_fps = max(1, int(every_n_validations)), int(video_fps)
         self.video_dir = Path(video_dir) if video_dir else None
@@ -53,12 +56,9 @@ class ValidationMetrics(L.Callback):
     def _build_scorer(self, pl_module, prompts: list[str], cameras):
         from amortized3d.evaluation.scorers import ClipScorer, OracleScorer
 
-        world = getattr(getattr(pl_module.guidance, "prior", None), "world", None)
-        if self.evaluator == "oracle" or (self.evaluator == "auto" and world is not None):
-            if world is None:
-                raise ValueError("ValidationMetrics(evaluator=oracle) needs a prior with a ground-truth world")
+        if self.evaluator in ("oracle", "auto") and self.world is not None:
             candidates = list(dict.fromkeys([*pl_module.train_prompts, *prompts]))
-            return OracleScorer(world, candidates, cameras, pl_module.renderer, bake=None)
+            return OracleScorer(self.world, candidates, cameras, pl_module.renderer, bake=None)
         if self.evaluator == "clip":
             from amortized3d.evaluation.clip import ClipEncoder
 

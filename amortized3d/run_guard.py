@@ -125,13 +125,16 @@ def validate_config(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------------- prompts
 def check_world_prompts(cfg: DictConfig, corpus) -> None:
-    """With the analytic prior, every prompt of the corpus must parse in the world's grammar."""
+    """With the analytic prior, there is a world and every prompt of the corpus parses in its grammar."""
     model = cfg.prior.get("model") or {}
     if not str(model.get("_target_", "")).endswith("build_analytic_prior"):
         return
-    from amortized3d.scenes.references import get_world
+    from amortized3d.scenes.world import build_world
 
-    world = get_world(model.get("world", "primitives"))
+    world = build_world(cfg)
+    if world is None:
+        raise ConfigError(f"prior={cfg.prior.get('name')} is the exact denoiser of a ground-truth world, but this "
+                          f"run has none (world: null, corpus {corpus.name!r}); use data=primitives")
     bad: list[str] = []
     first_error = ""
     for split, prompts in corpus.splits.items():
@@ -145,7 +148,7 @@ def check_world_prompts(cfg: DictConfig, corpus) -> None:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         valid = first_error.split("; ", 1)[-1] if "; " in first_error else first_error
         raise ConfigError(f"corpus {corpus.source}: {len(bad)} prompt(s) outside the analytic world "
-                          f"{model.get('world', 'primitives')!r}: {shown}; {valid}")
+                          f"{world.name!r}: {shown}; {valid}")
 
 
 # ------------------------------------------------------------------------------------- run dir

@@ -35,6 +35,7 @@ from amortized3d.data import PromptDataModule
 from amortized3d.evaluation.final import evaluate_run
 from amortized3d.run_guard import (PreemptionHandler, check_run_dir, check_text_encoder, check_world_prompts,
                                    clean_stale_temp_files, compare_resume, load_checkpoint_meta, validate_config)
+from amortized3d.scenes.world import build_world
 from amortized3d.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False)
     metrics: dict = {}
     if trainer.is_global_zero:
-        metrics = evaluate_run(system.model, prior, corpus, cfg.evaluation, output_dir)
+        metrics = evaluate_run(system.model, build_world(cfg), corpus, cfg.evaluation, output_dir)
         metrics["training"] = {"steps": system.batch_index, "generator_updates": trainer.global_step,
                                "nonfinite_steps": system.nonfinite_steps,
                                "seconds_per_step": statistics.median(timer.seconds[1:] or timer.seconds or [0.0]),

@@ -15,8 +15,7 @@ SD_TINY = [o for o in TINY if not o.startswith("prior.model.")] + [
     "generator.encoding.n_levels=4",
     "generator.encoding.log2_hashmap_size=12",
     "generator.encoding.base_resolution=8",
-    "prior.render.bound_radius=1.0",
-    "generator.encoding.bound=1.0",
+    "prior.scene_bound=1.0",  # the one scene bound: renderer sphere and hash grid follow it
 ]
 
 

@@ -89,6 +89,20 @@ def test_oracle_evaluator_agrees_with_end_of_training_metrics(tmp_path, cache_di
             assert metrics["oracle"][group][key] == pytest.approx(final[group][key], abs=1e-9), (group, key)
 
 
+def test_oracle_evaluation_builds_neither_prior_nor_guidance(tmp_path, cache_dir, checkpoint, monkeypatch):
+    """The oracle scores against the run's world (its own config node), so the prior is never built."""
+    import amortized3d.guidance.sds as sds
+    import amortized3d.scenes.references as references
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the oracle evaluation built the prior or the guidance")
+
+    monkeypatch.setattr(references, "build_analytic_prior", refuse)
+    monkeypatch.setattr(sds.SDSGuidance, "__init__", refuse)
+    metrics = evaluate(compose_evaluate(tmp_path, cache_dir, checkpoint, "evaluator=oracle", "split=val"))
+    assert metrics["oracle"]["overall"]["num_prompts"] == 12
+
+
 def test_another_corpus_by_path(tmp_path, cache_dir, checkpoint):
     corpus = tmp_path / "other.json"
     corpus.write_text(json.dumps({"train": ["a red cube"], "test": ["a blue torus", "a green cube", "a red cube"]}))

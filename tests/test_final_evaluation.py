@@ -1,4 +1,4 @@
-"""End-of-training evaluation with the SD prior (no world, no scorer): bounded, and no train prompt is rendered."""
+"""End-of-training evaluation without a world (SD on a text corpus: no scorer): bounded, and no train prompt is rendered."""
 from __future__ import annotations
 
 import torch
@@ -6,19 +6,22 @@ import torch
 from amortized3d.build import build_system
 from amortized3d.evaluation.final import evaluate_run
 from amortized3d.evaluation.orbit import Orbit
+from amortized3d.scenes.world import build_world
 from conftest import compose
 from sd_helpers import sd_overrides
 
 
 def test_sd_prior_final_evaluation_renders_only_a_bounded_video_subset(tmp_path, cache_dir, tiny_sd):
-    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), "evaluation.splits=[train,val]",
+    # ~world: the primitives prompts as a text corpus (SD on mg15 etc. has no world either)
+    cfg = compose(tmp_path, cache_dir, *sd_overrides(tiny_sd), "~world", "evaluation.splits=[train,val]",
                   "evaluation.videos=val", "evaluation.max_videos=1", "evaluation.num_views=2", tiny=False)
     system, prior, corpus = build_system(cfg)
-    assert getattr(prior, "world", None) is None  # nothing can score these renders
+    world = build_world(cfg)
+    assert world is None  # nothing can score these renders
     rendered: list[int] = []
     hook = system.generator.register_forward_hook(lambda m, args, out: rendered.append(1))
     try:
-        metrics = evaluate_run(system.model, prior, corpus, cfg.evaluation, tmp_path)
+        metrics = evaluate_run(system.model, world, corpus, cfg.evaluation, tmp_path)
         per_eval = len(rendered)
         rendered.clear()
         first_val = system.renderable(corpus.unique("val"))[0]

@@ -267,6 +267,22 @@ def test_rejects_mismatched_density_and_camera_count() -> None:
         VolumeRenderer()(SphereField([R, R]), cameras([0.0, 0.0, 0.0], [0.0, 1.0, 2.0], size=4))
 
 
+def test_auto_density_follows_the_field_kind() -> None:
+    """renderer.density=auto (the config's): VolSDF for SDF fields, NeRF for density fields, bit for bit
+    what the explicit setting renders; an explicit setting that disagrees with the field still fails."""
+    cams = cameras([20.0], [30.0], size=6)
+    sdf, density = SphereField([R]), BallDensity(2.0, "softplus")
+    for field, explicit in ((sdf, "volsdf"), (density, "nerf")):
+        auto = VolumeRenderer(num_samples=16, num_importance=8).eval()
+        assert auto.density == "auto" and auto.density_for(field) == explicit
+        assert torch.equal(auto(field, cams).rgb,
+                           VolumeRenderer(num_samples=16, num_importance=8, density=explicit).eval()(field, cams).rgb)
+    with pytest.raises(ValueError, match="nerf"):
+        VolumeRenderer(density="volsdf")(density, cams)
+    with pytest.raises(ValueError, match="auto"):
+        VolumeRenderer(density="sdf")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class LoadedModel(NamedTuple):
     model: AmortizedModel
-    prior: Any  # None unless with_prior (the oracle needs its ground-truth world)
+    prior: Any  # None unless with_prior (evaluation needs none: the oracle scores against the world node)
     corpus: Corpus
     cfg: DictConfig
 
@@ -35,7 +35,7 @@ def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locatio
 
     Overrides may change what does not alter parameter shapes (evaluation settings, the cache
     directory, the renderer's sample budget, ...). ``with_prior``: also build the prior from the
-    checkpoint's config (for Stable Diffusion that loads its UNet and VAE; only the oracle needs it).
+    checkpoint's config (for Stable Diffusion that loads its UNet and VAE).
     """
     path = Path(ckpt_path)
     if not path.is_file():

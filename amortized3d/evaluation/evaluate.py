@@ -29,6 +29,7 @@ from amortized3d.evaluation.checkpoint import load_model, warn_if_prompts_differ
 from amortized3d.evaluation.orbit import Orbit
 from amortized3d.evaluation.scorers import Scorer, build_scorer
 from amortized3d.evaluation.shard import distributed_context, gather_results, shard_indices
+from amortized3d.scenes.world import build_world
 from amortized3d.export import write_image
 from amortized3d.slugs import slugify
 
@@ -135,9 +136,9 @@ def evaluate(cfg: DictConfig) -> dict:
     rank, world = distributed_context()
     device = _device(str(cfg.get("device", "auto")))
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
-    # Only the oracle needs the prior (its ground-truth world); CLIP scores renders alone.
-    model, prior, corpus, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
-                                                with_prior=cfg.evaluator.get("name") == "oracle")
+    # Neither scorer needs the prior: the oracle scores against the run's world (its own config node).
+    model, _, corpus, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
+                                            with_prior=False)
     model = model.to(device)
     if cfg.get("data") is not None:  # another corpus' prompts, conditioned by the checkpoint's text encoder
         corpus = load_corpus(cfg.data.get("corpus_path") or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])
@@ -150,7 +151,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"no prompt of split {cfg.split!r} of corpus {corpus.name!r} can be rendered by this "
                          f"{type(model.generator).__name__} checkpoint")
     orbit = Orbit.from_settings(render_settings(cfg, ckpt_cfg), model.renderer)
-    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, prior=prior, orbit=orbit,
+    ground_truth = build_world(ckpt_cfg) if cfg.evaluator.get("name") == "oracle" else None
+    scorer = build_scorer(cfg.evaluator, candidates=candidates, corpus=corpus, world=ground_truth, orbit=orbit,
                           cache_dir=cfg.paths.cache_dir, device=device)
     mine = [evaluated[k] for k in shard_indices(len(evaluated), world, rank)]
     grid_views = int(cfg.get("grid_views", 8))

@@ -1,10 +1,10 @@
 """End-of-training evaluation: oracle metrics of each split and turntable videos, for metrics.json.
 
 The same scoring loop as ``scripts/evaluate.py`` (``evaluate.score_prompts``) with the oracle
-scorer when the prior has a ground-truth world; each prompt is rendered once, even when it is in
+scorer when the run has a ground-truth world; each prompt is rendered once, even when it is in
 several splits or also gets a video.
 
-Without a scorer (a prior with no ground-truth world, e.g. Stable Diffusion) nothing could score
+Without a scorer (a run with no ground-truth world: a text corpus) nothing could score
 the splits' renders, and rendering every train and val prompt at 120 views is ~12 min CPU on the
 primitives corpus and every prompt of CP100k. Then only turntable videos of the first
 ``max_videos`` prompts of the ``videos`` split are rendered (the log says so); score a checkpoint
@@ -28,20 +28,20 @@ from amortized3d.model import AmortizedModel
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(model: AmortizedModel, prior, corpus, cfg: Any, output_dir: Path) -> dict:
-    """``cfg``: the run's ``evaluation:`` node (orbit settings, splits, videos, video_fps)."""
+def evaluate_run(model: AmortizedModel, world, corpus, cfg: Any, output_dir: Path) -> dict:
+    """``world``: the run's ground truth (None: no scorer); ``cfg``: the run's ``evaluation:`` node
+    (orbit settings, splits, videos, video_fps)."""
     orbit = Orbit.from_settings(cfg, model.renderer)
-    world = getattr(prior, "world", None)
     scorer = OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake) if world else None
     video_list = model.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
     if scorer is None:
         prompts_by_split = {}
         max_videos = cfg.get("max_videos", 4)
         kept = video_list if max_videos is None else video_list[:int(max_videos)]
-        log.info("end-of-training evaluation: no scorer for %s (no ground-truth world): splits %s not rendered; "
+        log.info("end-of-training evaluation: no scorer (no ground-truth world): splits %s not rendered; "
                  "turntable videos of %d of %d %s prompts only (evaluation.max_videos); score with "
-                 "scripts/evaluate.py evaluator=clip", type(prior).__name__ if prior is not None else "this run",
-                 list(cfg.splits or []), len(kept), len(video_list), cfg.get("videos"))
+                 "scripts/evaluate.py evaluator=clip", list(cfg.splits or []), len(kept), len(video_list),
+                 cfg.get("videos"))
         video_list = kept
     else:
         prompts_by_split = {s: model.renderable(corpus.unique(s)) for s in (cfg.splits or [])}

@@ -78,9 +78,10 @@ def clip_text_embeddings(encoder, corpus_name: str, candidates: Sequence[str], c
         encoder, corpus_name, list(candidates), batch_size=batch_size, barrier=barrier, is_builder=rank == 0)
 
 
-def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, prior, orbit,
+def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, world, orbit,
                  cache_dir: str | Path | None, device: str | torch.device = "cpu") -> Scorer:
-    """The scorer named by ``cfg.name`` (an ``evaluator/*.yaml`` config); ``orbit``: an ``orbit.Orbit``."""
+    """The scorer named by ``cfg.name`` (an ``evaluator/*.yaml`` config); ``orbit``: an ``orbit.Orbit``;
+    ``world``: the run's ground truth (``scenes.world.build_world``), needed by the oracle only."""
     name = cfg.get("name")
     if name == "clip":
         from amortized3d.evaluation.clip import ClipEncoder
@@ -91,10 +92,9 @@ def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, prior, orbit,
         text = clip_text_embeddings(encoder, corpus.name, candidates, cache_dir, int(cfg.get("text_batch", 256)))
         return ClipScorer(encoder, candidates, text, int(cfg.get("image_chunk", 2048)), int(cfg.get("text_chunk", 8192)))
     if name == "oracle":
-        world = getattr(prior, "world", None)
         if world is None:
-            raise ValueError(f"evaluator=oracle needs a ground-truth world, but the checkpoint's prior "
-                             f"{type(prior).__name__} has none; use evaluator=clip")
+            raise ValueError("evaluator=oracle needs a ground-truth world, but the checkpoint's run has none "
+                             "(world: null); use evaluator=clip")
         from amortized3d.evaluation.oracle import corpus_prompts
 
         return OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake)

@@ -46,7 +46,7 @@ class VolumeRenderer(nn.Module):
     """
 
     def __init__(self, near: float = 0.1, far: float = 4.0, num_samples: int = 128, num_importance: int = 64,
-                 density: str = "volsdf", volsdf_inv_std: float = 30.0,
+                 density: str = "auto", volsdf_inv_std: float = 30.0,
                  nerf_density_activation: str = "softplus", normal_eps: float = 0.01,
                  chunk_rays: int | None = None, bound_radius: float | None = None,
                  skip_empty_space: bool = False, skip_tau_threshold: float = 1e-5,
@@ -56,8 +56,8 @@ class VolumeRenderer(nn.Module):
             raise ValueError(f"need 0 <= near < far, got near={near}, far={far}")
         if num_samples < 1 or num_importance < 0:
             raise ValueError(f"need num_samples >= 1 and num_importance >= 0, got {num_samples}, {num_importance}")
-        if density not in _DENSITY_FOR_KIND.values():
-            raise ValueError(f"density must be 'volsdf' or 'nerf', got {density!r}")
+        if density != "auto" and density not in _DENSITY_FOR_KIND.values():
+            raise ValueError(f"density must be 'auto', 'volsdf' or 'nerf', got {density!r}")
         if nerf_density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(f"nerf_density_activation must be one of {DENSITY_ACTIVATIONS}")
         if volsdf_inv_std <= 0 or normal_eps <= 0:
@@ -108,11 +108,24 @@ class VolumeRenderer(nn.Module):
         far = torch.where(disc > 0, torch.maximum(far, near), near)
         return near, far
 
-    def sigma(self, geometry: Tensor) -> Tensor:
-        """Density from the field's geometry output (SDF or raw density)."""
-        if self.density == "volsdf":
+    def density_for(self, field: Field) -> str:
+        """The density that renders ``field``: its kind's (``auto``), or the configured one if it matches."""
+        expected = _DENSITY_FOR_KIND.get(field.kind)
+        if expected is None:
+            raise ValueError(f"unknown field kind {field.kind!r}; expected 'sdf' or 'density'")
+        if self.density not in ("auto", expected):
+            raise ValueError(f"renderer density {self.density!r} cannot render a field of kind "
+                             f"{field.kind!r}; set the renderer's density to {expected!r} (or auto)")
+        return expected
+
+    def sigma(self, geometry: Tensor, density: str | None = None) -> Tensor:
+        """Density from the field's geometry output (SDF or raw density); ``density``: see density_for."""
+        density = density or self.density
+        if density == "volsdf":
             return volsdf_density(geometry, self.volsdf_inv_std)
-        return nerf_density(geometry, self.nerf_density_activation)
+        if density == "nerf":
+            return nerf_density(geometry, self.nerf_density_activation)
+        raise ValueError("density 'auto' follows a field: pass density_for(field)")
 
     def forward(self, field: Field, cameras: CameraBatch, background: Background | None = None,
                 compute_normals: bool = False, regularizers: Sequence[str] = (),
@@ -162,12 +175,7 @@ class VolumeRenderer(nn.Module):
         return RenderOutput(rgb=rgb, opacity=opacity, depth=image("depth"), normal=normal, regularizers=terms)
 
     def _check_field(self, field: Field) -> None:
-        expected = _DENSITY_FOR_KIND.get(field.kind)
-        if expected is None:
-            raise ValueError(f"unknown field kind {field.kind!r}; expected 'sdf' or 'density'")
-        if expected != self.density:
-            raise ValueError(f"renderer density {self.density!r} cannot render a field of kind "
-                             f"{field.kind!r}; set the renderer's density to {expected!r}")
+        self.density_for(field)
 
     def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor, far: Tensor,
                   generator: torch.Generator | None) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -182,7 +190,7 @@ class VolumeRenderer(nn.Module):
         with torch.no_grad():
             points = origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]
             geometry, albedo = field.query(points.reshape(b, r * s, 3))
-            sigma = self.sigma(geometry.to(t.dtype).reshape(b, r, s))
+            sigma = self.sigma(geometry.to(t.dtype).reshape(b, r, s), self.density_for(field))
             weights, transmittance = composite_weights(sigma, t, far)
             bins = torch.cat([t, far.expand_as(t[..., :1])], dim=-1)
             t_fine = sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
@@ -251,7 +259,7 @@ class VolumeRenderer(nn.Module):
         # Composite in the rays' dtype (fp32) even when the field ran under autocast:
         # cumulative optical depth in fp16/bf16 loses the transmittance of long rays.
         geometry, albedo = geometry.to(t.dtype), albedo.to(t.dtype)
-        sigma = self.sigma(geometry)
+        sigma = self.sigma(geometry, self.density_for(field))
         if order is not None:  # dropped samples: the proposal's values (constants)
             fill_sigma, fill_albedo = fill_sigma.reshape(b, r * s), fill_albedo.reshape(b, r * s, 3)
             order3 = order[..., None].expand(-1, -1, 3)

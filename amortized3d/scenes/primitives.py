@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from dataclasses import field as dataclass_field
+from typing import Callable, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -129,15 +130,22 @@ class PrimitivesField:
 class PrimitivesWorld:
     """All shape x colour combinations, with stable ids ``shape_index * len(colours) + colour_index``."""
 
+    name: ClassVar[str] = "primitives"  # configs/world/<name>.yaml; names the reference cache
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(COLOURS)
     cube_rounding: float = 0.03
     bounding_radius: float = BOUNDING_RADIUS
+    # The sphere this world is rendered in (references, oracle, the analytic prior's scene bound). Not in
+    # the repr, which keys the reference cache: the cache key records it as the reference renderer's bound.
+    bound: float = dataclass_field(default=1.0, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.shapes if s not in _SDFS] + [c for c in self.colours if c not in COLOURS]
         if unknown:
             raise ValueError(f"unknown shapes/colours {unknown}; known: {sorted(_SDFS)} / {sorted(COLOURS)}")
+        if not self.bound > self.bounding_radius:
+            raise ValueError(f"world bound {self.bound} must exceed the objects' bounding radius "
+                             f"{self.bounding_radius}")
         # Hydra passes lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "colours", tuple(self.colours))

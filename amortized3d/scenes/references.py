@@ -24,15 +24,21 @@ from amortized3d.scenes.primitives import PrimitivesWorld
 log = logging.getLogger(__name__)
 WORLDS = {"primitives": PrimitivesWorld}
 # Ground truth deserves a finer sample budget than the generators' training renders. Samples are
-# confined to the sphere that holds every object (radius 0.45): mean abs error 2.3e-4 against a
-# 512+128-sample render, lower than 96+48 samples over [0.1, 4] and ~20% cheaper.
-REFERENCE_RENDERER = {"num_samples": 64, "num_importance": 32, "bound_radius": 1.0, "chunk_rays": 32768}
+# confined to the world's bound (the sphere holding every object, radius 0.45): mean abs error 2.3e-4
+# against a 512+128-sample render, lower than 96+48 samples over [0.1, 4] and ~20% cheaper.
+REFERENCE_SAMPLES = {"num_samples": 64, "num_importance": 32, "chunk_rays": 32768}
 
 
 def get_world(name: str) -> PrimitivesWorld:
+    """The world registered as ``name`` with its default settings (configs/world/<name>.yaml builds it too)."""
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; valid worlds: {sorted(WORLDS)}")
     return WORLDS[name]()
+
+
+def reference_renderer_settings(world: PrimitivesWorld) -> dict[str, Any]:
+    """The reference renderer's arguments: its sample budget inside the world's bound (part of the cache key)."""
+    return {**REFERENCE_SAMPLES, "bound_radius": float(world.bound)}
 
 
 def reference_cameras(num_objects: int, views_per_object: int, resolution: int, ranges: CameraRanges,
@@ -94,20 +100,21 @@ def _load_cached(path: Path, shape: tuple[int, ...]) -> Tensor | None:
     return images
 
 
-def build_reference_set(world_name: str, views_per_object: int, resolution: int, camera: Mapping[str, Any],
-                        cache_dir: str | None, seed: int) -> ReferenceSet:
-    world = get_world(world_name)
+def build_reference_set(world: PrimitivesWorld | str, views_per_object: int, resolution: int,
+                        camera: Mapping[str, Any], cache_dir: str | None, seed: int) -> ReferenceSet:
+    world = get_world(world) if isinstance(world, str) else world
     ranges = CameraRanges(**{k: tuple(v) for k, v in dict(camera).items()})
+    renderer = reference_renderer_settings(world)
     payload = {"version": 1, "world": repr(world), "views": views_per_object, "resolution": resolution,
-               "ranges": ranges, "seed": seed, "renderer": REFERENCE_RENDERER}
-    path = Path(cache_dir) / "references" / f"{world_name}-{_cache_key(payload)}.pt" if cache_dir else None
+               "ranges": ranges, "seed": seed, "renderer": renderer}
+    path = Path(cache_dir) / "references" / f"{world.name}-{_cache_key(payload)}.pt" if cache_dir else None
     object_ids = torch.arange(world.num_objects)
     cameras = reference_cameras(world.num_objects, views_per_object, resolution, ranges, seed)
     shape = (len(cameras), 3, resolution, resolution)
     images = _load_cached(path, shape) if path is not None and path.exists() else None
     if images is None:
         log.info("rendering %d reference views of %d objects", len(cameras), world.num_objects)
-        images = render_objects(world, object_ids, cameras, VolumeRenderer(**REFERENCE_RENDERER))
+        images = render_objects(world, object_ids, cameras, VolumeRenderer(**renderer))
         if path is not None:
             try:
                 save_torch(images, path)
@@ -118,11 +125,16 @@ def build_reference_set(world_name: str, views_per_object: int, resolution: int,
                         view_ids=cameras.view_label_ids(), prompt_to_object=world.object_for_prompt)
 
 
-def build_analytic_prior(world: str = "primitives", views_per_object: int = 64, resolution: int = 32,
+def build_analytic_prior(world: PrimitivesWorld | str | None, views_per_object: int = 64, resolution: int = 32,
                          view_dependent: bool = True, camera: Mapping[str, Any] | None = None,
                          cache_dir: str | None = None, seed: int = 1234, data_std: float = 0.0) -> AnalyticPrior:
-    """The CPU default prior: exact denoiser of the world's reference renders (``data_std``: see AnalyticPrior)."""
+    """The CPU default prior: exact denoiser of ``world``'s reference renders (``data_std``: see AnalyticPrior).
+
+    ``world``: the run's world node (``configs/world/*.yaml``, passed as ``prior.model.world: ${world}``)
+    or a registered name. The prior does not keep it: whatever needs the ground truth gets the world itself.
+    """
+    if world is None:
+        raise ValueError("the analytic prior needs a ground-truth world (world: null); use data=primitives")
+    world = get_world(world) if isinstance(world, str) else world
     refs = build_reference_set(world, views_per_object, resolution, camera or {}, cache_dir, seed)
-    prior = AnalyticPrior(refs, view_dependent=view_dependent, data_std=data_std)
-    prior.world = get_world(world)  # ground truth, for oracle metrics
-    return prior
+    return AnalyticPrior(refs, view_dependent=view_dependent, data_std=data_std)
