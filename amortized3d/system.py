@@ -6,15 +6,15 @@ the training cameras and background, the loss weights and the optimisers.
 
 Manual optimisation, because score-distillation objectives need a specific order between
 the generator step and their own score-model step (VSD: after, L-VSD: before, threestudio:
-joint). That order is executed here and only here, from ``guidance.update_order``.
+joint). That order is executed by ``amortized3d.update_order`` (from ``guidance.auxiliary``);
+this module supplies the Lightning pieces (backward, rank averaging, the step counters).
 Lightning's ``global_step`` counts generator updates; ``batch_index`` counts training steps
 (including ones skipped for non-finite gradients) and keys the data and RNG streams, so a
 resumed run replays exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -22,13 +22,15 @@ from torch import Tensor
 
 from amortized3d.cameras import CameraBatch, CameraRanges, orbit_cameras, sample_cameras
 from amortized3d.data import step_generator
+from amortized3d.divergence import DivergenceGuard, last_good_checkpoint, uncount_lightning_step
 from amortized3d.generators.base import Generator
-from amortized3d.guidance.base import Guidance, GuidanceInput, GuidanceOutput
+from amortized3d.guidance.base import Guidance, GuidanceInput
 from amortized3d.model import AmortizedModel, upgrade_state_dict
-from amortized3d.optim import build_optimizer, grads_are_finite
+from amortized3d.optim import build_optimizer
 from amortized3d.rendering import Background, RenderOutput, SolidBackground, VolumeRenderer
 from amortized3d.schedules import Scheduled
 from amortized3d.text.base import TextEncoder
+from amortized3d.update_order import StepParts, UpdateOrderExecutor, build_auxiliary_optimizer
 
 REGULARIZERS = ("sparsity", "opaque", "eikonal")
 FROZEN_PREFIX = "guidance.prior."  # the frozen prior is rebuilt from config, never checkpointed
@@ -51,18 +53,15 @@ class AmortizedSystem(L.LightningModule):
         self.seed, self.val_views = seed, val_views
         self.val_resolution = val_resolution or resolution
         self.batch_index = 0  # training steps taken, skipped ones included
-        self.nonfinite_steps = 0  # steps whose gradients were not finite (skipped, counted)
-        # Divergence guard: this many generator steps in a row skipped (non-finite gradients, or an
-        # optimizer step that would have made the weights non-finite) stop the run (DivergenceError).
-        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
-        self.consecutive_nonfinite = 0
-        self._streak: dict = {}
+        # Divergence guard: skipped steps are counted (nonfinite_steps); this many generator steps in
+        # a row skipped (non-finite gradients, or an update that would have made the weights
+        # non-finite) stop the run (DivergenceError).
+        self.guard = DivergenceGuard(max_consecutive=int(max_consecutive_nonfinite), reduce_min=self._reduce_min)
         self._configured_groups: list[dict] = []
         self.resume_record: dict | None = None  # set by train(): what a resume changed (applied, recorded)
         self._resume_history: list[dict] = []
         self.auxiliary_optimizer: torch.optim.Optimizer | None = None
         self._render_memo: dict = {}  # this step's GuidanceInput.memo (one VAE encode per step)
-        self._weight_backups: dict[int, list[Tensor]] = {}  # per optimizer: weights before its step (rollback)
         self.save_hyperparameters({"config": config or {}})
         self.val_images: list[Tensor] = []
 
@@ -97,11 +96,33 @@ class AmortizedSystem(L.LightningModule):
         return self.model.renderable(prompts)
 
     # --- optimisation ---------------------------------------------------------------------------
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps whose gradients or update were not finite (skipped, counted)."""
+        return self.guard.nonfinite_steps
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self.guard.nonfinite_steps = int(value)
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        return self.guard.consecutive
+
+    @property
+    def max_consecutive_nonfinite(self) -> int:
+        return self.guard.max_consecutive
+
+    def _reduce_min(self, flag: Tensor) -> Tensor:
+        """A 0/1 flag reduced over ranks (min): every rank takes the same skip decision."""
+        return self.trainer.strategy.reduce(flag, reduce_op="min") if self.trainer.world_size > 1 else flag
+
     def setup(self, stage: str) -> None:
         # The auxiliary (score) model is updated in its own backward passes, in an order DDP's
         # reducer does not expect; keep it out of the reducer and average its gradients ourselves.
-        aux = {id(p) for g in self.guidance.auxiliary_parameter_groups() for p in g["params"]}
-        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if id(p) in aux]
+        aux = self.guidance.auxiliary
+        ids = {id(p) for p in aux.trainable_parameters().values()} if aux is not None else set()
+        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if id(p) in ids]
 
     def _average_auxiliary_gradients(self) -> None:
         if self.trainer.world_size == 1:
@@ -115,9 +136,9 @@ class AmortizedSystem(L.LightningModule):
                 g.copy_(chunk.view_as(g))
 
     def configure_optimizers(self):
-        aux_groups = self.guidance.auxiliary_parameter_groups()
-        if aux_groups:  # owned here, not by Lightning: global_step must count generator updates only
-            self.auxiliary_optimizer = build_optimizer(aux_groups, self.guidance.auxiliary_optimizer_config())
+        # The auxiliary optimizer is owned here, not by Lightning: global_step counts generator updates only.
+        self.auxiliary_optimizer = build_auxiliary_optimizer(self.guidance)
+        if self.auxiliary_optimizer is not None:
             self._aux_configured_groups = [{k: v for k, v in g.items() if k != "params"}
                                            for g in self.auxiliary_optimizer.param_groups]
         optimizer = build_optimizer(self.generator.parameter_groups(), self.optimizer_config)
@@ -128,7 +149,7 @@ class AmortizedSystem(L.LightningModule):
     def _active_regularizers(self) -> list[str]:
         return [r for r in REGULARIZERS if r in self.loss_weights and self.loss_weights[r](self.batch_index) != 0]
 
-    def _reduce(self, losses: dict[str, Tensor], item_weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _reduce(self, losses: Mapping[str, Tensor], item_weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted per-item losses -> scalar; padding items (weight 0) contribute nothing."""
         total, logs = 0.0, {}
         for name, per_item in losses.items():
@@ -140,45 +161,18 @@ class AmortizedSystem(L.LightningModule):
         return total, logs
 
     def _guidance_input(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
-                        stream: str, detach: bool = False,
-                        auxiliary_gradients: dict[str, Tensor] | None = None) -> GuidanceInput:
+                        stream: str, detach: bool = False) -> GuidanceInput:
         extras = {"opacity": out.opacity, "normal": out.normal}
         if detach:
             extras = {k: (v.detach() if v is not None else None) for k, v in extras.items()}
         return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
                              step=self.batch_index, text_emb=text_emb, extras=extras,
                              generator=step_generator(self.seed, self.batch_index, self.global_rank, stream),
-                             auxiliary_gradients=auxiliary_gradients, memo=self._render_memo,
-                             auxiliary_gradient_items=(None if auxiliary_gradients is None
-                                                       else out.rgb.shape[0] * self.trainer.world_size))
+                             memo=self._render_memo)
 
-    def _auxiliary_backward(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
-                            weights: Tensor, index: int) -> dict:
-        """Gradient of the guidance's ``index``-th auxiliary loss on the detached renders, left in
-        the auxiliary parameters' ``.grad`` (averaged over ranks); returns the logs."""
-        aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, f"aux{index}", True))
-        loss, loss_logs = self._reduce(aux.losses, weights)
-        self.auxiliary_optimizer.zero_grad(set_to_none=True)
+    def _auxiliary_backward(self, loss: Tensor) -> None:
+        """Backward of the guidance's own model's loss (a separate hook: benchmarks time it apart)."""
         self.manual_backward(loss)
-        self._average_auxiliary_gradients()
-        return {**{f"aux/{k}": v for k, v in loss_logs.items()}, **{f"aux/{k}": v for k, v in aux.logs.items()}}
-
-    def _auxiliary_steps(self, out: RenderOutput, cameras: CameraBatch, prompts: list[str], text_emb: Tensor,
-                         weights: Tensor, first_gradient_logs: dict | None = None) -> dict:
-        """``guidance.score_steps`` updates of the guidance's own model on the detached renders.
-
-        ``first_gradient_logs``: the first update's gradient is already in ``.grad`` (computed
-        before the generator step for ``guidance.wants_auxiliary_gradient``).
-        """
-        logs: dict = {}
-        for i in range(self.guidance.score_steps):
-            if i == 0 and first_gradient_logs is not None:
-                logs = first_gradient_logs
-            else:
-                logs = self._auxiliary_backward(out, cameras, prompts, text_emb, weights, i)
-            if self._all_finite(self.auxiliary_optimizer):
-                self._checked_step(self.auxiliary_optimizer, counts_as_update=False)
-        return logs
 
     def _apply_lr_scale(self, optimizer) -> None:
         scale = self.lr_scale(self.batch_index)
@@ -186,127 +180,28 @@ class AmortizedSystem(L.LightningModule):
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * scale
 
-    def _all_finite(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Finite on every rank, or skip everywhere (and count it) so DDP replicas stay identical."""
-        ok = torch.tensor(float(grads_are_finite(optimizer)), device=self.device)
-        ok = self.trainer.strategy.reduce(ok, reduce_op="min") if self.trainer.world_size > 1 else ok
-        if ok.item() < 1:
-            self.nonfinite_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        return True
-
-    def _checked_step(self, opt, counts_as_update: bool = True) -> bool:
-        """``opt.step()``, undone (and counted as a skipped step) if it made any weight non-finite.
-
-        Finite gradients can still write NaN/inf into the weights (a corrupt optimizer state, an
-        overflowing lr): the weights are copied before the step and restored if so, and the step
-        does not count as a generator update (``global_step``).
-        """
-        params = [p for g in opt.param_groups for p in g["params"]]
-        backup = self._weight_backups.get(id(opt))
-        if backup is None or len(backup) != len(params):
-            backup = self._weight_backups[id(opt)] = [torch.empty_like(p) for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(backup, [p.detach() for p in params])
-        opt.step()
-        ok = torch.stack([torch.isfinite(p).all() for p in params]).all().float() if params else torch.ones(())
-        ok = ok.to(self.device)
-        ok = self.trainer.strategy.reduce(ok, reduce_op="min") if self.trainer.world_size > 1 else ok
-        if ok.item() >= 1:
-            return True
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in params], backup)
-        self.nonfinite_steps += 1
-        self._streak["rolled_back"] = True
-        if not counts_as_update:  # the guidance's own (score) optimizer: not Lightning's
-            return False
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        for tracker in (progress.total, progress.current):  # not an update: global_step counts updates
-            tracker.completed -= 1
-            tracker.ready -= 1
-        return False
-
-    def _guard_divergence(self, stepped: bool, opt, out: RenderOutput, losses: dict[str, Tensor]) -> None:
-        if stepped:
-            self.consecutive_nonfinite, self._streak = 0, {}
+    def _guard_divergence(self, stepped: bool, opt, out: RenderOutput, losses: Mapping[str, Tensor]) -> None:
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v).all())] if not stepped else []
+        renders_finite = bool(torch.isfinite(out.rgb).all()) if not stepped else True
+        if not self.guard.record(stepped, self.batch_index, self.global_step, renders_finite, bad):
             return
-        if self.consecutive_nonfinite == 0:
-            self._streak = {"start": self.batch_index, "global_step": self.global_step,
-                            "rolled_back": self._streak.get("rolled_back", False)}
-        self.consecutive_nonfinite += 1
-        self._streak["renders_finite"] = bool(torch.isfinite(out.rgb).all())
-        self._streak["nonfinite_losses"] = [k for k, v in losses.items() if not bool(torch.isfinite(v).all())]
-        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
-            from amortized3d.run_guard import DivergenceError
+        from amortized3d.run_guard import DivergenceError
 
-            raise DivergenceError(
-                f"training diverged: {self.consecutive_nonfinite} consecutive non-finite steps "
-                f"(steps {self._streak['start']}-{self.batch_index}, limit system.max_consecutive_nonfinite="
-                f"{self.max_consecutive_nonfinite}); cause: {self._diagnose(opt)}; "
-                f"last good checkpoint: {self._last_good_checkpoint()}")
-
-    def _diagnose(self, opt) -> str:
-        """What this process can see that makes every step non-finite, most specific first."""
+        streak = self.guard.streak
         names = {id(p): n for n, p in self.named_parameters()}
-        causes: list[str] = []
-        params = [p for g in opt.param_groups for p in g["params"]]
-        bad_w = next((names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())), None)
-        if bad_w:
-            causes.append(f"non-finite weights ({bad_w})")
-        aux_opt = self.auxiliary_optimizer
-        aux = [p for g in aux_opt.param_groups for p in g["params"]] if aux_opt is not None else []
-        bad_aux = next((names.get(id(p), "?") for p in aux if not bool(torch.isfinite(p).all())), None)
-        if bad_aux:
-            causes.append(f"non-finite weights of the guidance's own model ({bad_aux})")
-        for p in params:
-            for k, v in opt.state.get(p, {}).items():
-                if not (isinstance(v, Tensor) and v.is_floating_point() and v.numel() > 1):
-                    continue
-                if not bool(torch.isfinite(v).all()):
-                    causes.append(f"non-finite optimizer state ({k} of {names.get(id(p), '?')})")
-                elif k == "exp_avg_sq" and bool((v < 0).any()):
-                    causes.append(f"corrupt optimizer state (negative {k} of {names.get(id(p), '?')})")
-                if len(causes) > 2:
-                    break
-        if self._streak.get("rolled_back"):
-            causes.append("the optimizer step turned finite weights non-finite (rolled back)")
-        lr = max(float(g["lr"]) for g in opt.param_groups)
-        if not math.isfinite(lr) or lr > 1.0:
-            causes.append(f"lr={lr:g} is implausibly large (system.optimizer.lr / lr_scale / group_lr)")
-        w = [(float(p.detach().abs().max()), names.get(id(p), "?")) for p in params if p.numel()]
-        wmax, wname = max(w) if w else (0.0, "")
-        if math.isfinite(wmax) and wmax > 1e6:
-            causes.append(f"weights have blown up (max |w| = {wmax:.3g} in {wname})")
-        if not causes:
-            bad = self._streak.get("nonfinite_losses") or []
-            if not self._streak.get("renders_finite", True):
-                causes.append("renders are non-finite although weights and optimizer state are finite")
-            elif bad:
-                causes.append(f"the prior / guidance output is non-finite (loss {', '.join(bad)}) although weights "
-                              f"and renders are finite: check the prior (its weights or reference renders)")
-            else:
-                causes.append("non-finite gradients with finite losses and weights")
-        return "; ".join(causes)
+        raise DivergenceError(
+            f"training diverged: {self.guard.consecutive} consecutive non-finite steps "
+            f"(steps {streak['start']}-{self.batch_index}, limit system.max_consecutive_nonfinite="
+            f"{self.guard.max_consecutive}); cause: {self.guard.diagnose(opt, self.auxiliary_optimizer, names)}; "
+            f"last good checkpoint: {self._last_good_checkpoint()}")
 
     def _last_good_checkpoint(self) -> str:
         """The newest checkpoint written before the non-finite streak began."""
-        import re
-        from pathlib import Path
-
-        good = self._streak.get("global_step", self.global_step)
         cb = self.trainer.checkpoint_callback
-        found = []
-        if cb is not None and cb.dirpath and Path(cb.dirpath).is_dir():
-            for path in Path(cb.dirpath).glob("*.ckpt"):
-                m = re.fullmatch(r"step_(\d+)", path.stem)
-                if m and int(m.group(1)) <= good:
-                    found.append((int(m.group(1)), str(path)))
-        if found:
-            return max(found)[1]
-        resumed = getattr(self.trainer, "ckpt_path", None)
-        return f"{resumed} (the checkpoint this run resumed from)" if resumed else \
-            f"none (no checkpoint was written before step {self._streak.get('start', self.batch_index)})"
+        return last_good_checkpoint(cb.dirpath if cb is not None else None,
+                                    self.guard.streak.get("global_step", self.global_step),
+                                    getattr(self.trainer, "ckpt_path", None),
+                                    self.guard.streak.get("start", self.batch_index))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if int(batch["step"]) != self.batch_index:
@@ -318,7 +213,6 @@ class AmortizedSystem(L.LightningModule):
         cameras = sample_cameras(len(prompts), self.resolution, self.camera_ranges,
                                  generator=step_generator(self.seed, self.batch_index, self.global_rank, "cameras"))
         cameras = cameras.to(self.device)
-        order = self.guidance.update_order
         text_emb = self.text_table[ids]
         z = self.generator.sample_latent(  # fresh per step, keyed by it (exact resume); None if no latent
             len(ids), step_generator(self.seed, self.batch_index, self.global_rank, "latent"))
@@ -328,47 +222,33 @@ class AmortizedSystem(L.LightningModule):
                             generator=step_generator(self.seed, self.batch_index, self.global_rank, "render"))
         text_emb = text_emb.repeat_interleave(V, dim=0)
         self._render_memo = {"rgb": out.rgb}  # every guidance input of this step shares one encode
-        logs: dict[str, Tensor] = {}
-        if order == "before":  # L-VSD: the score model looks ahead at the current renders first
-            logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights))
-        early_aux_logs, aux_grads = None, None
-        if order == "after" and self.guidance.wants_auxiliary_gradient:
-            # L²-VSD: the score gradient of this step is the lookahead direction; computed once here
-            # and reused for the score step after theta (phi and the detached renders are unchanged).
-            early_aux_logs = self._auxiliary_backward(out, cameras, prompts, text_emb, weights, 0)
-            aux_grads = self.guidance.auxiliary_gradients()
-        g_out: GuidanceOutput = self.guidance(self._guidance_input(out, cameras, prompts, text_emb, "guidance",
-                                                                   auxiliary_gradients=aux_grads))
-        losses = {**g_out.losses, **out.regularizers}
-        if order == "joint":
-            aux = self.guidance.auxiliary_loss(self._guidance_input(out, cameras, prompts, text_emb, "aux0", True))
-            losses.update({f"aux_{k}": v for k, v in aux.losses.items()})
-        loss, loss_logs = self._reduce(losses, weights)
-        logs.update(loss_logs)
-        opt.zero_grad(set_to_none=True)
-        if self.auxiliary_optimizer is not None and order == "joint":
-            self.auxiliary_optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if order == "joint":
-            self._average_auxiliary_gradients()
-        stepped = False
-        if self._all_finite(opt):
+        self.guard.device = self.device
+
+        def generator_step() -> None:
             self._apply_lr_scale(opt)
-            stepped = self._checked_step(opt)
-            if order == "joint" and self._all_finite(self.auxiliary_optimizer):
-                self._checked_step(self.auxiliary_optimizer, counts_as_update=False)
-        self._guard_divergence(stepped, opt, out, losses)
-        if order == "after":  # ProlificDreamer: score model trained on the renders of the updated step
-            logs.update(self._auxiliary_steps(out, cameras, prompts, text_emb, weights, early_aux_logs))
+            opt.step()
+
+        parts = StepParts(
+            inputs=lambda stream, detach: self._guidance_input(out, cameras, prompts, text_emb, stream, detach),
+            reduce=lambda losses: self._reduce(losses, weights),
+            backward=lambda loss: self.manual_backward(loss),
+            auxiliary_backward=lambda loss: self._auxiliary_backward(loss),
+            generator_step=generator_step,
+            items=out.rgb.shape[0] * self.trainer.world_size,  # the gradient is averaged over ranks
+            average_auxiliary_gradients=self._average_auxiliary_gradients,
+            on_generator_rollback=lambda: uncount_lightning_step(self.trainer),  # not an update
+            on_generator_step=lambda stepped, losses: self._guard_divergence(stepped, opt, out, losses),
+            extra_losses=out.regularizers)
+        result = UpdateOrderExecutor(self.guidance, opt, self.auxiliary_optimizer, self.guard).step(parts)
         self.batch_index += 1
         self._render_memo = {}  # release the step's renders and latents
-        logs.update({f"guidance/{k}": v for k, v in g_out.logs.items()})
-        logs["train/loss"] = loss.detach()
+        logs = {**result.logs, **{f"guidance/{k}": v for k, v in result.output.logs.items()}}
+        logs["train/loss"] = result.loss
         logs["train/nonfinite_steps"] = torch.tensor(float(self.nonfinite_steps))
         logs["train/opacity"] = out.opacity.detach().mean()
         self.log_dict(logs, prog_bar=False, batch_size=len(prompts))
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(prompts))
-        return loss.detach()
+        self.log("loss", result.loss, prog_bar=True, logger=False, batch_size=len(prompts))
+        return result.loss
 
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -409,7 +289,8 @@ class AmortizedSystem(L.LightningModule):
 
     def _is_frozen(self, key: str) -> bool:
         if not hasattr(self, "_frozen_keys"):
-            keys = self.guidance.frozen_state_keys()
+            aux = self.guidance.auxiliary
+            keys = aux.frozen_state_keys if aux is not None else ()
             self._frozen_keys = {f"guidance.{k}" for k in keys}
         return key.startswith(FROZEN_PREFIX) or key in self._frozen_keys
 

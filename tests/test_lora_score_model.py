@@ -127,7 +127,7 @@ def test_a_separate_v_base_model_is_selectable_and_shares_no_weights(tmp_path, t
     assert not any(p.data_ptr() in prior_tensors for p in model.parameters())
     assert not any("lora_" in n for n, _ in prior.unet.named_parameters())
     # its frozen base is never checkpointed, only the LoRA and camera MLP are
-    frozen = guidance.frozen_state_keys()
+    frozen = guidance.auxiliary.frozen_state_keys
     assert "score_model.unet.conv_in.weight" in frozen and not any("lora_" in k for k in frozen)
 
     base = UNet2DConditionModel.from_pretrained(str(tiny_sd_v), subfolder="unet").eval()

@@ -117,8 +117,7 @@ def test_text_encoder_identity_follows_the_weights(tiny_sd, tmp_path):
 
 
 def test_lora_score_model_starts_at_the_prior_and_shares_its_weights(prior):
-    model = LoRAScoreModel(rank=2, prediction_type="epsilon")
-    model.bind_prior(prior)
+    model = LoRAScoreModel(rank=2, prediction_type="epsilon", prior=prior)
     assert not any("lora" in n for n, _ in prior.unet.named_parameters())  # the prior never sees the adapter
     assert model.unet.conv_in.weight is prior.unet.conv_in.weight  # frozen weights shared, not copied
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters().values())
@@ -136,8 +135,7 @@ def test_lora_score_model_starts_at_the_prior_and_shares_its_weights(prior):
 def test_lora_jvp_matches_finite_differences(prior):
     from amortized3d.guidance.vsd import linearized_shift
 
-    model = LoRAScoreModel(rank=2)
-    model.bind_prior(prior)
+    model = LoRAScoreModel(rank=2, prior=prior)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.trainable_parameters().values():
@@ -165,8 +163,7 @@ def test_lora_jvp_matches_finite_differences(prior):
 
 def test_lora_under_fp16_weights_keeps_fp32_parameters(tiny_sd):
     prior = StableDiffusionPrior(str(tiny_sd), vae_resolution=16, dtype="fp16", local_files_only=True)
-    model = LoRAScoreModel(rank=2)
-    model.bind_prior(prior)
+    model = LoRAScoreModel(rank=2, prior=prior)
     assert prior.unet.conv_in.weight.dtype == torch.float16
     assert {p.dtype for p in model.trainable_parameters().values()} == {torch.float32}
     x, t = _noisy(prior)
@@ -180,8 +177,7 @@ def test_lora_under_fp16_weights_keeps_fp32_parameters(tiny_sd):
 def test_lora_exports_in_diffusers_format(prior, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    model = LoRAScoreModel(rank=2, camera_condition=False)
-    model.bind_prior(prior)
+    model = LoRAScoreModel(rank=2, camera_condition=False, prior=prior)
     with torch.no_grad():
         for n, p in model.trainable_parameters().items():
             p.normal_(0, 0.1)

@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from amortized3d.cameras import sample_cameras
 from amortized3d.guidance.base import GuidanceInput
+from amortized3d.guidance.sds import SDSGuidance
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance, linearized_shift
 from amortized3d.priors.gaussian import GaussianPrior
 from amortized3d.priors.score_models import GaussianScoreModel, ScoreModel, SmallUNetScoreModel
@@ -181,9 +182,12 @@ def test_update_order_hooks():
     prior, model, *_ = setup("gaussian")
     after = VSDGuidance(prior, copy.deepcopy(model))
     joint = VSDGuidance(prior, copy.deepcopy(model), update_order="joint")
-    assert (after.update_order, joint.update_order) == ("after", "joint")
-    assert LVSDGuidance(prior, copy.deepcopy(model), score_steps=3).update_order == "before"
-    assert L2VSDGuidance(prior, copy.deepcopy(model)).update_order == "after"
+    assert (after.auxiliary.order, joint.auxiliary.order) == ("after", "joint")
+    lvsd = LVSDGuidance(prior, copy.deepcopy(model), score_steps=3)
+    assert (lvsd.auxiliary.order, lvsd.auxiliary.steps, lvsd.auxiliary.reuses_gradient) == ("before", 3, False)
+    l2vsd = L2VSDGuidance(prior, copy.deepcopy(model))
+    assert (l2vsd.auxiliary.order, l2vsd.auxiliary.reuses_gradient) == ("after", True)
+    assert SDSGuidance(prior).auxiliary is None  # nothing of its own to train
     for bad in [lambda: VSDGuidance(prior, model, update_order="before"),
                 lambda: LVSDGuidance(prior, model, update_order="after"),
                 lambda: VSDGuidance(prior, model, update_order="joint", score_steps=2),
@@ -191,11 +195,11 @@ def test_update_order_hooks():
                 lambda: L2VSDGuidance(prior, model, eta=0.0)]:
         with pytest.raises(ValueError):
             bad()
-    (group,) = after.auxiliary_parameter_groups()
+    (group,) = after.auxiliary.parameter_groups()
     assert [id(p) for p in group["params"]] == [id(p) for p in after.score_model.trainable_parameters().values()]
-    assert after.auxiliary_optimizer_config() == {"name": "adamw", "lr": 1e-4}
+    assert after.auxiliary.optimizer == {"name": "adamw", "lr": 1e-4}
     tuned = VSDGuidance(prior, copy.deepcopy(model), score_optimizer={"lr": 1e-3, "betas": [0.9, 0.99]})
-    assert tuned.auxiliary_optimizer_config() == {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99]}
+    assert tuned.auxiliary.optimizer == {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99]}
 
 
 @pytest.mark.parametrize("order", ["after", "joint"])
@@ -204,13 +208,13 @@ def test_auxiliary_loss_trains_only_the_score_model(order):
     prior, model, x0, *_ = setup("gaussian")
     guidance = VSDGuidance(prior, model, update_order=order, guidance_scale=1.0)
     x = x0.clone().requires_grad_(True)
-    aux = guidance.auxiliary_loss(make_input(x.detach(), 3, seed=2))
+    aux = guidance.auxiliary.loss(make_input(x.detach(), 3, seed=2))
     assert set(aux.losses) == {"score"} and aux.losses["score"].shape == (3,)
     aux.losses["score"].mean().backward()
     separate = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     total = guidance(make_input(x, 3, seed=1)).losses["vsd"].sum() \
-        + guidance.auxiliary_loss(make_input(x.detach(), 3, seed=2)).losses["score"].mean()
+        + guidance.auxiliary.loss(make_input(x.detach(), 3, seed=2)).losses["score"].mean()
     total.backward()
     for p, g in zip(model.parameters(), separate):
         torch.testing.assert_close(p.grad, g)
@@ -223,6 +227,47 @@ def test_score_model_must_match_the_prior_space():
         VSDGuidance(prior, SmallUNetScoreModel(cond_dim=5, base_channels=8, resolution=8))
     with pytest.raises(TypeError):
         VSDGuidance(prior, torch.nn.Linear(2, 2))
+
+
+def test_score_model_arrives_as_a_factory_built_with_the_prior(tmp_path, cache_dir):
+    """configs/guidance/vsd.yaml: the score model is a Hydra ``_partial_`` factory; the guidance
+    calls it with its prior, so it diffuses with the prior's own schedule (one phase, no bind)."""
+    import functools
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    cfg = compose(tmp_path, cache_dir, "guidance=vsd")
+    node = OmegaConf.to_container(cfg.guidance.score_model, resolve=True)
+    factory = hydra.utils.instantiate(node)
+    assert isinstance(factory, functools.partial)
+    prior = gaussian_prior(3 * 16 * 16, shape=(3, 16, 16))
+    model = factory(prior=prior)
+    assert model.schedule is prior.schedule
+    guidance = VSDGuidance(prior, factory)
+    assert guidance.score_model.schedule is prior.schedule and guidance.auxiliary.model is guidance.score_model
+
+
+def test_converting_the_score_model_leaves_the_priors_schedule_alone():
+    """The prior's schedule is shared by reference, not owned: ``score_model.double()`` (the 2D toy
+    does this) must not turn the prior's float32 schedule into float64 under it."""
+    prior = gaussian_prior(D, shape=(D,))
+    guidance = VSDGuidance(prior, GaussianScoreModel(D))
+    guidance.score_model.double()
+    assert prior.schedule.alphas_cumprod.dtype == torch.float32
+    built = GaussianScoreModel(D, prior=prior).double()
+    assert built.schedule is prior.schedule and prior.schedule.alphas_cumprod.dtype == torch.float32
+
+
+def test_a_built_score_model_must_diffuse_like_the_prior():
+    from amortized3d.priors.schedule import NoiseSchedule
+
+    prior = gaussian_prior(D, shape=(D,))
+    other = NoiseSchedule(NoiseSchedule.scaled_linear().alphas_cumprod.flip(0))
+    with pytest.raises(ValueError, match="noise schedule"):
+        VSDGuidance(prior, GaussianScoreModel(D, schedule=other))
+    with pytest.raises(TypeError, match="factory returned"):
+        VSDGuidance(prior, lambda prior: torch.nn.Linear(2, 2))
 
 
 # --- the real pipeline ------------------------------------------------------------------------------
@@ -251,8 +296,10 @@ class RecordingL2VSD(L2VSDGuidance):
     seen: list[dict[str, torch.Tensor]] = []
 
     def forward(self, inp):
-        assert inp.auxiliary_gradients is not None, "the system must hand L²-VSD this step's score gradient"
-        RecordingL2VSD.seen.append({n: g.clone() for n, g in inp.auxiliary_gradients.items()})
+        handed = self.auxiliary.handed
+        assert handed is not None, "the system must hand L²-VSD this step's score gradient"
+        assert handed.items == inp.rgb.shape[0]  # one process: the mean is over this step's renders
+        RecordingL2VSD.seen.append({n: g.clone() for n, g in handed.gradients.items()})
         return super().forward(inp)
 
 
@@ -280,7 +327,7 @@ def test_lookahead_tangent_from_a_given_gradient_equals_the_standalone_lookahead
     guidance = L2VSDGuidance(prior, model, eta=0.05)
     standalone = guidance.lookahead_tangent(x0, cond, cam, torch.Generator().manual_seed(7))
     model.loss(x0, cond, cam, torch.Generator().manual_seed(7)).mean().backward()  # the system's item mean
-    handed = guidance.tangent_from_gradient(guidance.auxiliary_gradients(), num_items=x0.shape[0])
+    handed = guidance.tangent_from_gradient(guidance.auxiliary.gradients(), num_items=x0.shape[0])
     for n in standalone:
         torch.testing.assert_close(handed[n], standalone[n])
 
@@ -337,9 +384,9 @@ def test_l2vsd_amortized_batch_gives_each_render_its_full_correction_plus_cross_
     grads = [torch.autograd.grad(per_item[m], list(params.values()), retain_graph=True) for m in range(n)]
     grads = [dict(zip(params, g)) for g in grads]
     mean_grad = {k: sum(g[k] for g in grads) / n for k in params}  # what the system hands over
-    inp = make_input(x0, n)
-    inp.auxiliary_gradients = mean_grad
-    _, delta = guidance.score_estimate(x_t, t, x0, cond, cam, inp)
+    with guidance.auxiliary.handing_over(mean_grad, items=n):
+        _, delta = guidance.score_estimate(x_t, t, x0, cond, cam, make_input(x0, n))
+    assert guidance.auxiliary.handed is None  # only for the duration of the forward
 
     def shift(tangent):
         return linearized_shift(model, tangent, x_t, t, cond, cam)[1]  # exact jvp
@@ -381,14 +428,13 @@ def test_l2vsd_jvp_option_is_validated_and_shipped():
 
 def test_l2vsd_scales_a_rank_averaged_gradient_by_all_ranks_items():
     """Under DDP the system hands over the gradient averaged over ranks (the mean over N x world
-    renders) and says so (``auxiliary_gradient_items``): the lookahead is then on the sum over all
+    renders) and says so (``HandedGradient.items``): the lookahead is then on the sum over all
     ranks' renders, so each render keeps its full Eq. 7 term instead of 1/world of it."""
     prior, model, x0, x_t, t, cond, cam = setup("unet", n=3)
     guidance = L2VSDGuidance(prior, model, eta=0.05)
     mean_grad = {k: torch.randn_like(p) for k, p in model.trainable_parameters().items()}
-    one_rank, two_ranks = make_input(x0, 3), make_input(x0, 3)
-    one_rank.auxiliary_gradients = two_ranks.auxiliary_gradients = mean_grad
-    two_ranks.auxiliary_gradient_items = 6  # 3 renders here x world size 2
-    _, delta_one = guidance.score_estimate(x_t, t, x0, cond, cam, one_rank)
-    _, delta_two = guidance.score_estimate(x_t, t, x0, cond, cam, two_ranks)
+    with guidance.auxiliary.handing_over(mean_grad, items=3):  # one rank, 3 renders
+        _, delta_one = guidance.score_estimate(x_t, t, x0, cond, cam, make_input(x0, 3))
+    with guidance.auxiliary.handing_over(mean_grad, items=6):  # 3 renders here x world size 2
+        _, delta_two = guidance.score_estimate(x_t, t, x0, cond, cam, make_input(x0, 3))
     torch.testing.assert_close(delta_two, 2 * delta_one, rtol=1e-5, atol=1e-9)

@@ -14,7 +14,7 @@ def _problem(tiny_sd, dtype: str):
     """A LoRA off its B = 0 start, the real lookahead tangent (-eta grad of the score loss) and an x_t."""
     torch.manual_seed(0)
     prior = StableDiffusionPrior(str(tiny_sd), dtype=dtype, device="cpu", vae_resolution=16, local_files_only=True)
-    model = LoRAScoreModel(rank=4, prediction_type="epsilon")
+    model = LoRAScoreModel(rank=4, prediction_type="epsilon", prior=prior)
     guidance = L2VSDGuidance(prior, model, eta=1e-2)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -1,24 +1,23 @@
 """The score-distillation interface and the pieces every objective shares.
 
 A guidance turns renders into per-item losses whose gradient w.r.t. the render is the
-distillation gradient. Objectives with their own trainable model (the VSD family) also
-declare *when* that model is updated relative to the generator step (``update_order``);
-the system (``amortized3d.system``) is the one place that executes that ordering.
+distillation gradient. Objectives with their own trainable model (the VSD family) expose
+it as one ``AuxiliaryModel`` (``Guidance.auxiliary``: the model, its loss, its optimizer, when
+it is updated); ``amortized3d.update_order`` is the one place that executes that ordering.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from amortized3d.cameras import CameraBatch
+from amortized3d.guidance.auxiliary import AuxiliaryModel
 from amortized3d.priors.base import Prior
 from amortized3d.priors.schedule import per_item
 from amortized3d.schedules import Scheduled, TimestepSampler
-
-UpdateOrder = Literal["none", "after", "before", "joint"]
 
 
 @dataclass
@@ -30,14 +29,6 @@ class GuidanceInput:
     generator: torch.Generator | None = None  # per-step RNG: reproducible and resumable
     text_emb: Tensor | None = None  # [N,E] prompt embeddings (score models condition on them)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. normals for SDI's convexity loss
-    # This step's gradient of the auxiliary loss w.r.t. the auxiliary model's parameters (by name),
-    # when the system computed it before the generator step (``Guidance.wants_auxiliary_gradient``).
-    # It is the gradient of the system's reduction: the MEAN over the N renders of the weighted
-    # per-item losses (``AmortizedSystem._reduce``), i.e. of sum_n w_n l_n / N.
-    auxiliary_gradients: Mapping[str, Tensor] | None = None
-    # How many renders that mean is over: N here times the DDP world size (the system averages the
-    # gradient over ranks), so N * world * gradient is the gradient of the sum over all ranks' items.
-    auxiliary_gradient_items: int | None = None
     # Shared by every input the system builds from one step's renders (the guidance, its auxiliary
     # and its detached inputs): ``Guidance.encode`` keeps the encoded renders here, so the VAE runs
     # once per step however many times and in whatever order the step asks for x0. ``"rgb"``: the
@@ -98,14 +89,9 @@ def expand_like(w: Tensor, x: Tensor) -> Tensor:
 class Guidance(nn.Module):
     """Base class: holds the prior, the timestep sampler and the loss weight schedule."""
 
-    update_order: UpdateOrder = "none"
-    score_steps: int = 1  # auxiliary-model updates per generator step (gamma; L-VSD uses > 1)
     needs_normals: bool = False  # renders must carry normals in ``extras["normal"]`` (SDI convexity)
-    # With update_order "after": the system back-propagates the first auxiliary loss *before* the
-    # generator step, hands that gradient to ``forward`` (``GuidanceInput.auxiliary_gradients``) and
-    # then steps the auxiliary model with it. Exact, because neither the auxiliary parameters nor the
-    # detached renders change in between; L²-VSD's lookahead direction is that gradient.
-    wants_auxiliary_gradient: bool = False
+    #: The guidance's own trainable model and how it is trained (the VSD family); None: nothing to train.
+    auxiliary: AuxiliaryModel | None = None
 
     def __init__(self, prior: Prior, t_min: Any = 0.02, t_max: Any = 0.98, weighting: str = "sds",
                  loss_weight: Any = 1.0):
@@ -114,28 +100,6 @@ class Guidance(nn.Module):
         self.timesteps = TimestepSampler.from_config(t_min, t_max, prior.num_train_timesteps)
         self.weighting = check_weighting(weighting)  # a misspelling fails here, not at the first step
         self.loss_weight = Scheduled.parse(loss_weight)
-
-    # --- hooks for objectives with an auxiliary (score) model -------------------------------
-    def auxiliary_parameter_groups(self) -> list[dict]:
-        """Parameters trained by the guidance itself (VSD's score model); none by default."""
-        return []
-
-    def auxiliary_optimizer_config(self) -> dict:
-        """Optimizer settings for ``auxiliary_parameter_groups`` (see ``amortized3d.optim``)."""
-        return {"name": "adamw", "lr": 1e-4}
-
-    def auxiliary_gradients(self) -> dict[str, Tensor]:
-        """Current ``.grad`` of the auxiliary model's trainable parameters by name (zeros where unused)."""
-        return {}
-
-    def frozen_state_keys(self) -> set[str]:
-        """``state_dict`` keys (relative to the guidance) of frozen pretrained weights outside the
-        prior, e.g. a LoRA's base UNet: rebuilt from config, never checkpointed."""
-        return set()
-
-    def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
-        """Loss of the auxiliary model on the detached renders (``update_order != "none"``)."""
-        raise RuntimeError(f"{type(self).__name__} has no auxiliary model")
 
     # --- shared pieces ------------------------------------------------------------------------
     def condition(self, inp: GuidanceInput) -> Any:

@@ -20,15 +20,15 @@ camera (c2w, 16 numbers); it is queried with CFG 1, i.e. conditional only (Proli
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.func import functional_call, jvp
 
-from amortized3d.guidance.base import (Guidance, GuidanceInput, GuidanceOutput, UpdateOrder, distillation_loss,
-                                       expand_like)
+from amortized3d.guidance.auxiliary import AuxiliaryModel, AuxiliaryOrder
+from amortized3d.guidance.base import Guidance, GuidanceInput, GuidanceOutput, distillation_loss, expand_like
 from amortized3d.priors.base import Prior
 from amortized3d.priors.score_models import ScoreModel
 
@@ -109,60 +109,66 @@ def linearized_shift(model: ScoreModel, tangent: Mapping[str, Tensor], x_t: Tens
         return eps, (moved.to(torch.float32) - eps.to(torch.float32)).div_(h).to(eps.dtype)
 
 
+#: A score model, or (Hydra ``_partial_: true``) a factory that builds one for the prior: it lives
+#: in the prior's x0 space, diffuses with its schedule, and a LoRA builds on its UNet.
+ScoreModelFactory = Callable[..., ScoreModel]
+
+
+def build_score_model(score_model: ScoreModel | ScoreModelFactory, prior: Prior) -> ScoreModel:
+    """``score_model(prior=prior)`` for a factory; a built model must already diffuse like the prior."""
+    if not isinstance(score_model, ScoreModel):
+        if isinstance(score_model, torch.nn.Module) or not callable(score_model):
+            raise TypeError(f"score_model must be a ScoreModel or a factory of one (Hydra _partial_: true), "
+                            f"got {type(score_model).__name__}")
+        score_model = score_model(prior=prior)
+        if not isinstance(score_model, ScoreModel):
+            raise TypeError(f"the score_model factory returned a {type(score_model).__name__}, not a ScoreModel")
+    ours, theirs = score_model.schedule.alphas_cumprod, prior.schedule.alphas_cumprod
+    if ours.shape != theirs.shape or not torch.equal(ours, theirs.to(ours)):
+        raise ValueError(f"{type(score_model).__name__} has another noise schedule than the prior: build it with "
+                         "prior=... (or pass a factory) so that it diffuses exactly like the prior")
+    return score_model
+
+
 class VSDGuidance(Guidance):
     """Variational Score Distillation (ProlificDreamer): score model updated after theta (or jointly)."""
 
     loss_name = "vsd"
     allowed_orders: tuple[str, ...] = ("after", "joint")
-    update_order: UpdateOrder = "after"
+    default_order: AuxiliaryOrder = "after"
 
-    def __init__(self, prior: Prior, score_model: ScoreModel, guidance_scale: float = 7.5, t_min: Any = 0.02,
-                 t_max: Any = 0.98, weighting: str = "sds", loss_weight: Any = 1.0,
-                 update_order: UpdateOrder | None = None, score_steps: int = 1,
+    def __init__(self, prior: Prior, score_model: ScoreModel | ScoreModelFactory, guidance_scale: float = 7.5,
+                 t_min: Any = 0.02, t_max: Any = 0.98, weighting: str = "sds", loss_weight: Any = 1.0,
+                 update_order: AuxiliaryOrder | None = None, score_steps: int = 1,
                  score_optimizer: Mapping[str, Any] | None = None):
         super().__init__(prior, t_min=_plain(t_min), t_max=_plain(t_max), weighting=weighting,
                          loss_weight=_plain(loss_weight))
-        order = update_order or type(self).update_order
+        order = update_order or type(self).default_order
         if order not in self.allowed_orders:
             raise ValueError(f"{type(self).__name__} supports update_order in {self.allowed_orders}, got {order!r}")
-        if int(score_steps) < 1:
-            raise ValueError(f"score_steps must be >= 1, got {score_steps}")
-        if order == "joint" and int(score_steps) != 1:
-            raise ValueError("update_order 'joint' trains the score model once per step (in the same backward); "
-                             f"score_steps={score_steps} needs 'after' or 'before'")
-        if not isinstance(score_model, ScoreModel):
-            raise TypeError(f"score_model must be a ScoreModel, got {type(score_model).__name__}")
+        score_model = build_score_model(score_model, prior)
         shape = tuple(prior.latent_shape)
         if score_model.sample_shape is not None and tuple(score_model.sample_shape) != shape:
             raise ValueError(f"score model expects samples of shape {tuple(score_model.sample_shape)} but the prior's "
                              f"x0 space is {shape}: size the score model from the prior config")
-        self.update_order = order
-        self.score_steps = int(score_steps)
         self.guidance_scale = float(guidance_scale)
         self.score_model = score_model
-        score_model.bind_prior(prior)  # shares the schedule (a LoRA also builds on the prior's UNet)
-        self.score_optimizer = {**DEFAULT_SCORE_OPTIMIZER, **dict(_plain(score_optimizer) or {})}
+        self.auxiliary = AuxiliaryModel(
+            model=score_model, loss=self.score_loss,
+            optimizer={**DEFAULT_SCORE_OPTIMIZER, **dict(_plain(score_optimizer) or {})},
+            order=order, steps=score_steps, reuses_gradient=self._reuses_score_gradient() and order == "after",
+            frozen_state_keys=frozenset(f"score_model.{k}" for k in score_model.frozen_state_keys()))
 
-    # --- hooks used by the system ----------------------------------------------------------------
-    def auxiliary_parameter_groups(self) -> list[dict]:
-        return [{"name": "score_model", "params": list(self.score_model.trainable_parameters().values())}]
-
-    def auxiliary_optimizer_config(self) -> dict:
-        return dict(self.score_optimizer)
-
-    def auxiliary_gradients(self) -> dict[str, Tensor]:
-        return {n: (torch.zeros_like(p) if p.grad is None else p.grad)
-                for n, p in self.score_model.trainable_parameters().items()}
-
-    def frozen_state_keys(self) -> set[str]:
-        return {f"score_model.{k}" for k in self.score_model.frozen_state_keys()}
-
-    def auxiliary_loss(self, inp: GuidanceInput) -> GuidanceOutput:
+    def score_loss(self, inp: GuidanceInput) -> GuidanceOutput:
         """Denoising loss of the score model on the detached renders (Eq. 6), t ~ U[0, T)."""
         x0 = self.encode(inp).detach()  # shared with forward: one VAE pass per step
         cond, camera = self.score_condition(inp, x0)
         loss = self.score_model.loss(x0, cond, camera, inp.generator)
         return GuidanceOutput({"score": loss}, {})
+
+    def _reuses_score_gradient(self) -> bool:
+        """Whether the forward takes this step's score gradient (L²-VSD's lookahead, AuxiliaryModel)."""
+        return False
 
     # --- the distillation gradient ---------------------------------------------------------------
     def score_condition(self, inp: GuidanceInput, like: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -199,7 +205,7 @@ class LVSDGuidance(VSDGuidance):
 
     loss_name = "lvsd"
     allowed_orders = ("before",)
-    update_order: UpdateOrder = "before"
+    default_order: AuxiliaryOrder = "before"
 
 
 class L2VSDGuidance(VSDGuidance):
@@ -223,16 +229,20 @@ class L2VSDGuidance(VSDGuidance):
     Eq. 7-9 correction (-eta J(x_t^n) grad l_n, what it gets when alone) plus the cross terms
     -eta J(x_t^n) grad l_m, m != n (the other renders' lookahead seen through render n's
     Jacobian; for one prompt's V views these are that prompt's own other views). A mean over N
-    would shrink each render's own term to 1/N of Eq. 7. The system hands over the gradient of
-    its item-MEAN (``GuidanceInput.auxiliary_gradients``), which is reused, not recomputed, and
-    scaled by N here.
+    would shrink each render's own term to 1/N of Eq. 7. In training the update-order executor
+    hands over the gradient of its item MEAN (``self.auxiliary.handed``), which is reused, not
+    recomputed, and scaled by the number of renders it averages here.
     """
 
     loss_name = "l2vsd"
-    wants_auxiliary_gradient = True
 
-    def __init__(self, prior: Prior, score_model: ScoreModel, eta: float = 1e-2, last_layer_only: bool = False,
-                 jvp: str = "exact", fd_relative_step: float | None = None, **kwargs: Any):
+    def __init__(self, prior: Prior, score_model: ScoreModel | ScoreModelFactory, eta: float = 1e-2,
+                 last_layer_only: bool = False, jvp: str = "exact", fd_relative_step: float | None = None,
+                 reuse_score_gradient: bool = True, **kwargs: Any):
+        # reuse_score_gradient: the lookahead direction is the gradient of the score step taken after
+        # theta (handed over by the executor: no extra backward). False: a draw of its own
+        # (``lookahead_tangent``, one more backward), equal in distribution.
+        self.reuse_score_gradient = bool(reuse_score_gradient)
         super().__init__(prior, score_model, **kwargs)
         if eta <= 0:
             raise ValueError(f"eta must be positive, got {eta}")
@@ -245,12 +255,14 @@ class L2VSDGuidance(VSDGuidance):
         self.jvp = jvp
         self.fd_relative_step = None if fd_relative_step is None else float(fd_relative_step)
 
+    def _reuses_score_gradient(self) -> bool:
+        return self.reuse_score_gradient
+
     def lookahead_tangent(self, x0: Tensor, cond: Tensor | None, camera: Tensor | None,
                           generator: torch.Generator | None) -> dict[str, Tensor]:
         """v = -eta * grad_phi sum_n l_n(phi; x_t'^n, t'^n) at a fresh (t', eps') draw (Eq. 7, summed
         over the renders, see the class docstring). ``torch.autograd.grad`` leaves ``.grad``
-        untouched. Used when the system has not already computed this step's score gradient
-        (standalone use, the 2D toy)."""
+        untouched. Used when no gradient was handed over (standalone use of the guidance)."""
         params = self.score_model.trainable_parameters()
         names = self._tangent_names()
         with torch.enable_grad():
@@ -275,11 +287,11 @@ class L2VSDGuidance(VSDGuidance):
 
     def score_estimate(self, x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor | None, camera: Tensor,
                        inp: GuidanceInput) -> tuple[Tensor, Tensor | None]:
-        # In training the system hands over this step's score gradient of the item mean (it is
+        # In training the executor hands over this step's score gradient of the item mean (it is
         # reused for the score step after theta, so the lookahead costs no extra backward pass).
-        if inp.auxiliary_gradients is not None:
-            items = inp.auxiliary_gradient_items or x0.shape[0]  # all ranks' renders under DDP
-            tangent = self.tangent_from_gradient(inp.auxiliary_gradients, num_items=items)
+        handed = self.auxiliary.handed
+        if handed is not None:  # items: all ranks' renders under DDP
+            tangent = self.tangent_from_gradient(handed.gradients, num_items=handed.items)
         else:
             tangent = self.lookahead_tangent(x0, cond, camera, inp.generator)
         # Both methods return eps_phi(x_t) too: the finite difference costs one forward more than VSD.

@@ -83,8 +83,10 @@ class LoRAScoreModel(ScoreModel):
                  camera_condition: bool = True, prediction_type: PredictionTypeOrAuto = "auto",
                  camera_dropout: float = 0.1, unet: nn.Module | None = None,
                  base_prediction_type: str | None = None, base_model_name_or_path: str | None = None,
-                 revision: str | None = None, local_files_only: bool = False):
-        super().__init__("epsilon", camera_dropout)
+                 revision: str | None = None, local_files_only: bool = False, prior=None):
+        """Built on ``unet`` when given, else on ``prior`` (its own UNet, or ``base_model_name_or_path``
+        checked against it); configs build it as a Hydra ``_partial_`` factory called with the prior."""
+        super().__init__("epsilon", camera_dropout, prior=prior)
         if prediction_type not in ("auto", *PREDICTION_TYPES):
             raise ValueError(f"prediction_type must be 'auto', 'epsilon' or 'v_prediction', got {prediction_type!r}")
         if int(rank) < 1:
@@ -102,12 +104,12 @@ class LoRAScoreModel(ScoreModel):
         self._last_layer: list[str] | None = None
         if unet is not None:
             self.attach(unet, base_prediction_type, "the given unet")
+        elif prior is not None:
+            self._build_on(prior)
 
     # --- construction -----------------------------------------------------------------------------
-    def bind_prior(self, prior) -> None:
-        super().bind_prior(prior)
-        if self.unet is not None:
-            return
+    def _build_on(self, prior) -> None:
+        """The adapter on the prior's UNet (weights shared) or on ``base_model_name_or_path``'s."""
         if self.base_model_name_or_path is not None:
             unet, prediction_type = self._load_separate_base(prior)
             self.attach(unet, prediction_type, self.base_model_name_or_path, share_weights=False)
@@ -174,7 +176,7 @@ class LoRAScoreModel(ScoreModel):
 
     def _unet(self) -> nn.Module:
         if self.unet is None:
-            raise RuntimeError("LoRAScoreModel has no UNet yet: pass unet= or let the guidance bind_prior()")
+            raise RuntimeError("LoRAScoreModel has no UNet: build it with unet= or prior=")
         return self.unet
 
     # --- the ScoreModel interface -----------------------------------------------------------------

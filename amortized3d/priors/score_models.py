@@ -38,7 +38,10 @@ class ScoreModel(nn.Module, abc.ABC):
     sample_shape: tuple[int, ...] | None = None
 
     def __init__(self, prediction_type: PredictionType = "epsilon", camera_dropout: float = 0.1,
-                 schedule: NoiseSchedule | None = None):
+                 schedule: NoiseSchedule | None = None, prior=None):
+        """``prior``: the prior this model scores renders for (its noise schedule is shared, so the
+        model diffuses exactly like it); configs pass it by building the model as a Hydra
+        ``_partial_`` factory that the guidance calls with its prior."""
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -46,16 +49,12 @@ class ScoreModel(nn.Module, abc.ABC):
             raise ValueError(f"camera_dropout must be in [0, 1], got {camera_dropout}")
         self.prediction_type = prediction_type
         self.camera_dropout = float(camera_dropout)
-        self.schedule = schedule if schedule is not None else NoiseSchedule.scaled_linear()
-
-    def use_schedule(self, schedule: NoiseSchedule) -> None:
-        """Share the prior's noise schedule (the score model must diffuse exactly like the prior)."""
-        self.schedule = schedule
-
-    def bind_prior(self, prior) -> None:
-        """Called once by the guidance with its prior: share the schedule (and, for models that
-        fine-tune the prior, e.g. a LoRA of its UNet, build on its network)."""
-        self.use_schedule(prior.schedule)
+        if prior is not None:
+            # The prior's schedule, shared by reference and not registered as this model's submodule:
+            # the prior owns (and moves) it, and converting this model (``.double()``) leaves it as is.
+            object.__setattr__(self, "schedule", prior.schedule)
+        else:
+            self.schedule = schedule if schedule is not None else NoiseSchedule.scaled_linear()
 
     def text_condition(self, text_emb: Tensor | None, prompts: Sequence[str], prior) -> Tensor | None:
         """The ``cond`` this model takes: by default the generator's pooled prompt embedding [N,E];
@@ -79,7 +78,7 @@ class ScoreModel(nn.Module, abc.ABC):
     def _predicts_v(self) -> bool:
         if self.prediction_type not in PREDICTION_TYPES:  # e.g. a LoRA's "auto" before it has a base
             raise RuntimeError(f"{type(self).__name__}.prediction_type is {self.prediction_type!r}, not resolved yet "
-                               "(it is set from the base network when the guidance binds the prior)")
+                               "(it is set from the base network when the model is built on it)")
         return self.prediction_type == "v_prediction"
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, camera: Tensor | None = None) -> Tensor:
@@ -163,8 +162,8 @@ class SmallUNetScoreModel(ScoreModel):
     def __init__(self, in_channels: int = 3, cond_dim: int = 1024, base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2), resolution: int | None = None,
                  prediction_type: PredictionType = "epsilon", camera_dropout: float = 0.1,
-                 schedule: NoiseSchedule | None = None):
-        super().__init__(prediction_type, camera_dropout, schedule)
+                 schedule: NoiseSchedule | None = None, prior=None):
+        super().__init__(prediction_type, camera_dropout, schedule, prior)
         mults = [int(m) for m in channel_mults]
         if not mults:
             raise ValueError("channel_mults needs at least one resolution")
@@ -247,8 +246,8 @@ class GaussianScoreModel(ScoreModel):
 
     def __init__(self, dim: int, mean: Tensor | None = None, scale_tril: Tensor | None = None,
                  init_std: float = 1.0, prediction_type: PredictionType = "epsilon",
-                 camera_dropout: float = 0.0, schedule: NoiseSchedule | None = None):
-        super().__init__(prediction_type, camera_dropout, schedule)
+                 camera_dropout: float = 0.0, schedule: NoiseSchedule | None = None, prior=None):
+        super().__init__(prediction_type, camera_dropout, schedule, prior)
         self.dim = int(dim)
         self.sample_shape = (self.dim,)
         # Identity-scaled init, not the paper's zeros: through S = L L^T a zero L has zero gradient.
