@@ -49,14 +49,11 @@ HASH_GRID_SETTINGS: dict[str, dict] = {
 
 
 def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
-                    settings: Sequence[str] = ("quickstart", "paper"), memory: bool = True,
-                    naive: Sequence[str] = ("quickstart",)) -> list[dict]:
+                    settings: Sequence[str] = ("quickstart", "paper"), memory: bool = True) -> list[dict]:
     """Forward+backward (table gradient) of the torch hash grid: the fused path (default) vs the
-    previous autograd path (``fused=False``) and, for the settings in ``naive``, the loop
-    reference, interleaved per setting. ``fields`` prompts share the grid (Hyper-iNGP), each
-    querying ``num_points / fields`` points. Peak memory: :func:`peak_allocated_bytes`."""
-    from amortized3d.generators.encodings_reference import naive_reference_for
-
+    previous autograd path (``fused=False``), interleaved per setting. ``fields`` prompts share the
+    grid (Hyper-iNGP), each querying ``num_points / fields`` points. Peak memory:
+    :func:`peak_allocated_bytes`. (The loop reference is a test oracle, tests/hash_grid_reference.py.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for setting in settings:
@@ -76,8 +73,6 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
 
         candidates = {"new: fused level-major gather": step(lambda: new(x), new),
                       "old: autograd gather (fused=False)": step(lambda: old(x), old)}
-        if setting in naive:
-            candidates["naive reference (loop)"] = step(lambda: naive_reference_for(old, x), old)
         times = time_interleaved(candidates, rounds=rounds)
         base = times["old: autograd gather (fused=False)"]
         for k, v in times.items():
@@ -255,7 +250,7 @@ def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens:
     built from config: file sizes do not depend on weight values)."""
     import tempfile
 
-    from amortized3d.priors.sd_tiny import build_tiny_sd
+    from amortized3d.priors.sd_random import build_tiny_sd
 
     words = [(c, s) for c in ("red", "green", "blue", "gold") for s in ("cube", "ball", "cone", "torus")]
     prompts = [f"a {words[i % 16][0]} {words[i % 16][1]} number {i}" for i in range(num_prompts)]

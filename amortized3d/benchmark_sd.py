@@ -90,9 +90,9 @@ def write_clip_tokenizer(directory: Path) -> str:
     """A CLIPTokenizer of CLIP's 49408-token vocabulary in ``directory``; returns which one."""
     from transformers import CLIPTokenizer
 
-    from amortized3d.priors.sd_tiny import _byte_chars
+    from amortized3d.priors.sd_random import byte_chars
 
-    chars = _byte_chars()
+    chars = byte_chars()
     merges = _clip_bpe_merges()
     kind = "CLIP BPE (open_clip's bpe_simple_vocab_16e6)"
     if merges is None:  # same size: bytes, bytes</w>, then filler merges of byte pairs
@@ -143,8 +143,8 @@ def write_sd21_base(directory: str | Path, seed: int = 0) -> dict:
 
 
 def write_tiny_sd(directory: str | Path) -> dict:
-    """The tiny SD of the tests (``sd_tiny.build_tiny_sd``): the benchmark machinery in seconds."""
-    from amortized3d.priors.sd_tiny import build_tiny_sd
+    """The tiny SD of the tests (``sd_random.build_tiny_sd``): the benchmark machinery in seconds."""
+    from amortized3d.priors.sd_random import build_tiny_sd
 
     build_tiny_sd(directory)
     return {"tokenizer": "tiny byte-level BPE"}

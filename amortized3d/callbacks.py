@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from amortized3d.checkpoint_io import atomic_write
+from amortized3d.atomic import atomic_write
 
 
 class ValidationRenderWriter(L.Callback):
@@ -55,7 +55,6 @@ class ValidationMetrics(L.Callback):
         self.video_dir = Path(video_dir) if video_dir else None
         self.clip = dict(clip or {})
         self._scorer, self._validations = None, 0
-        self.last_metrics: dict[str, float] = {}
 
     def _build_scorer(self, pl_module, prompts: list[str], cameras):
         from amortized3d.evaluation.scorers import ClipScorer, OracleScorer
@@ -109,4 +108,3 @@ class ValidationMetrics(L.Callback):
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-        self.last_metrics = metrics

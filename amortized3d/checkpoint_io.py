@@ -1,8 +1,7 @@
 """Checkpoints written atomically and checksummed; loaded safely, with errors that name the file.
 
-Atomic: the checkpoint is serialised to a temporary file in the same directory, fsync'ed, then
-moved over the destination with ``os.replace`` (atomic on POSIX and Windows), and the directory
-entry is fsync'ed so the rename itself survives a power loss.
+Atomic: written through ``amortized3d.atomic`` (temp file in the same directory, fsync'ed, moved
+over the destination with ``os.replace``, the directory entry fsync'ed; a full disk reported as ENOSPC).
 
 Checksummed: ``save_torch`` hashes the bytes as ``torch.save`` streams them out (sha256, no second
 pass over the file) and stores the digest *inside* the file, as the comment of the zip archive that
@@ -17,18 +16,18 @@ tensors and plain containers, so a pickle payload in a crafted or foreign file n
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
 import pickle
-import shutil
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from amortized3d.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,93 +50,17 @@ class ChecksumMismatchError(CheckpointError):
     """The file's bytes differ from the sha256 recorded when it was written."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path`` and atomically move it into place.
-
-    A full disk is reported as ``OSError(ENOSPC)`` naming ``path`` and the free space left.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        nospace = disk_full_error(err, path)
-        if nospace is not None:
-            raise nospace from err
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------- full disks
-def _is_enospc(err: BaseException | None) -> bool:
-    seen = set()
-    while err is not None and id(err) not in seen:  # torch wraps the OSError of a failed write() in
-        seen.add(id(err))                           # "inline_container.cc ... unexpected pos" (or vice versa)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def disk_full_error(err: BaseException, path: str | os.PathLike) -> OSError | None:
-    """``OSError(ENOSPC)`` naming ``path`` when ``err`` is (or hides) a full disk, else None.
-
-    torch reports a failed write of its zip archive as ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``; that, with (almost) no free space left on the target's
-    filesystem, is a full disk too.
-    """
-    if isinstance(err, (KeyboardInterrupt, SystemExit)):
-        return None
-    path = Path(path)
-    free = _free_bytes(path.parent)
-    torch_write_failed = isinstance(err, RuntimeError) and "unexpected pos" in str(err)
-    if not (_is_enospc(err) or (torch_write_failed and free is not None and free < (1 << 20))):
-        return None
-    where = f"{free} bytes free on the filesystem of {path.parent}" if free is not None else "free space unknown"
-    return OSError(errno.ENOSPC, f"no space left on device writing {path} ({where}); free some space or point "
-                                 "the output/cache directory elsewhere (paths.output_dir, paths.cache_dir)")
-
-
-def _free_bytes(directory: Path) -> int | None:
-    for d in (directory, *directory.parents):  # the nearest directory that exists
-        if d.is_dir():
-            try:
-                return shutil.disk_usage(d).free
-            except OSError:
-                return None
-    return None
-
-
 # ---------------------------------------------------------------- checksummed torch files
 class _HashingWriter:
     """A write-only file object that hashes what passes through it (torch.save streams into it)."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self.f, self.sha, self.size, self.tail = f, hashlib.sha256(), 0, b""
+        self.f, self.sha, self.tail = f, hashlib.sha256(), b""
 
     def write(self, data) -> int:
         n = self.f.write(data)
         self.sha.update(data)
         view = memoryview(data).cast("B")
-        self.size += len(view)
         self.tail = (self.tail + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]  # no copy of the whole chunk
         return n
 

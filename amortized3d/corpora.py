@@ -15,11 +15,12 @@ import os
 import re
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence, Union
+
+from amortized3d.atomic import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 ENV_VAR = "AMORTIZED3D_CORPORA_DIR"
@@ -354,9 +355,8 @@ def download_corpus(name: str, dest_dir: PathLike | None = None, *, url: str | N
     if target.is_file() and not force:
         if spec.sha256 is None or hashlib.sha256(target.read_bytes()).hexdigest() == spec.sha256:
             return target
-    tmp = dest / f".{spec.file}.{uuid.uuid4().hex[:12]}.part"  # not mkstemp: keep umask permissions
     digest = hashlib.sha256()
-    try:
+    with atomic_path(target) as tmp:  # a wrong checksum raises inside: the target is never replaced
         with open(tmp, "xb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -371,7 +371,4 @@ def download_corpus(name: str, dest_dir: PathLike | None = None, *, url: str | N
         if spec.sha256 and digest.hexdigest() != spec.sha256:
             raise CorpusChecksumError(f"download of corpus {name!r} from {url} has sha256 "
                                       f"{digest.hexdigest()}, expected {spec.sha256}; nothing was written.")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

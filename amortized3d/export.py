@@ -1,20 +1,19 @@
 """Export: turntable videos (mp4/gif) and marching-cubes meshes with vertex colours (obj/ply/glb).
 
-Every writer goes through a temp file in the target directory and ``os.replace``, so a run
-killed mid-export (preemption, OOM) never leaves a truncated video or mesh that a later
-step or a human would mistake for a result.
+Every writer goes through ``amortized3d.atomic.atomic_path`` (a temp file in the target directory,
+fsync'ed, then ``os.replace``), so a run killed mid-export (preemption, OOM) never leaves a
+truncated video or mesh that a later step or a human would mistake for a result.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
 
 import numpy as np
 import torch
 
+from amortized3d.atomic import atomic_path
 from amortized3d.rendering.densities import nerf_density
 
 if TYPE_CHECKING:
@@ -24,21 +23,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 FieldQuery = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 VIDEO_FORMATS = (".mp4", ".gif")
 MESH_FORMATS = (".obj", ".ply", ".glb")
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path`` (same suffix, so writers pick the format);
-    move it onto ``path`` only if the block succeeds, delete it otherwise."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh unique name rather than mkstemp, so the file gets the usual umask permissions
-    tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -74,7 +58,7 @@ def write_video(frames: torch.Tensor | np.ndarray, path: PathLike, fps: int = 30
     if suffix not in VIDEO_FORMATS:
         raise ValueError(f"unsupported video format {path.suffix!r}; use one of {', '.join(VIDEO_FORMATS)}")
     array = to_uint8_frames(frames)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=True) as tmp:
         if suffix == ".mp4":
             _, h, w, _ = array.shape
             array = np.pad(array, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
@@ -91,7 +75,7 @@ def write_image(image: torch.Tensor | np.ndarray, path: PathLike) -> Path:
 
     path = Path(path)
     array = to_uint8_frames(image[None])[0]
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=True) as tmp:
         iio.imwrite(tmp, array, extension=path.suffix.lower())
     return path
 
@@ -149,7 +133,7 @@ def save_mesh(mesh: trimesh.Trimesh, path: PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in MESH_FORMATS:
         raise ValueError(f"unsupported mesh format {path.suffix!r}; use one of {', '.join(MESH_FORMATS)}")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=True) as tmp:
         mesh.export(tmp, file_type=suffix[1:])
     return path
 

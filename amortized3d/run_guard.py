@@ -56,7 +56,6 @@ class Interrupted(RunError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.signum = int(signum)
         self.exit_code = 128 + int(signum)
 
 

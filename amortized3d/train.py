@@ -28,14 +28,15 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from amortized3d.benchmark_steps import StepTimer
+from amortized3d.atomic import atomic_write
 from amortized3d.build import build_system, load_run_corpus, resolved_config
-from amortized3d.checkpoint_io import AtomicCheckpointIO, atomic_write
+from amortized3d.checkpoint_io import AtomicCheckpointIO
 from amortized3d.data import PromptDataModule
 from amortized3d.evaluation.final import evaluate_run
 from amortized3d.run_guard import (PreemptionHandler, check_run_dir, check_text_encoder, check_world_prompts,
                                    clean_stale_temp_files, compare_resume, load_checkpoint_meta, validate_config)
 from amortized3d.scenes.world import build_world
+from amortized3d.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
         # ModelCheckpoint saves every N steps; the final state must be last.ckpt too (all ranks call).
-        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False)
     metrics: dict = {}
     if trainer.is_global_zero:
         metrics = evaluate_run(system.model, build_world(cfg), corpus, cfg.evaluation, output_dir)

@@ -20,6 +20,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from amortized3d.console import setup_console
+
+    setup_console()  # Lightning's lines once, no tips (amortized3d/console.py)
     import torch
 
     from amortized3d.evaluation.evaluate import evaluate

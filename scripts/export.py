@@ -18,6 +18,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="export")
 def main(cfg: DictConfig) -> None:
+    from amortized3d.console import setup_console
+
+    setup_console()  # Lightning's lines once, no tips (amortized3d/console.py)
     from amortized3d.evaluation.exporting import export
 
     for path in export(cfg):

@@ -63,6 +63,6 @@ def compose(output_dir: Path, cache_dir: Path, *overrides: str, tiny: bool = Tru
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny random Stable Diffusion in the diffusers layout (built from config, saved once)."""
-    from amortized3d.priors.sd_tiny import build_tiny_sd
+    from amortized3d.priors.sd_random import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from amortized3d.generators import encodings as enc_mod
-from amortized3d.generators.encodings_reference import naive_hash_grid_reference
 from amortized3d.generators.encodings import HashGridEncoding
+from hash_grid_reference import naive_hash_grid_reference
 
 # Small config with both dense and hashed levels: resolutions 4, 6, 10, 16, 26, 41;
 # T = 1024, so levels 0-1 are dense ((N+1)^3 = 125, 343) and levels 2-5 hashed.

@@ -16,7 +16,9 @@ from amortized3d.evaluation.scorers import clip_text_embeddings
 from amortized3d.train import train
 from conftest import CONFIGS, ROOT, compose
 
-TINY_CLIP = ["evaluator.model=a3d-tiny-clip", "evaluator.pretrained=null"]
+# a3d-tiny-clip: a random-weight open_clip model config of the tests (tests/clip_configs), not the library's
+CLIP_CONFIGS = str(ROOT / "tests" / "clip_configs")
+TINY_CLIP = ["evaluator.model=a3d-tiny-clip", "evaluator.pretrained=null", f"evaluator.config_dirs=[{CLIP_CONFIGS}]"]
 
 
 def compose_evaluate(output_dir, cache_dir, ckpt, *overrides):
@@ -56,7 +58,7 @@ def test_clip_metrics_match_brute_force_and_repeat_exactly(tmp_path, cache_dir, 
 
     system, _, corpus, _ = load_model(checkpoint, [f"paths.cache_dir={cache_dir}"])
     prompts = list(corpus.unique("val"))
-    encoder = ClipEncoder("a3d-tiny-clip", None)
+    encoder = ClipEncoder("a3d-tiny-clip", None, config_dirs=[CLIP_CONFIGS])
     cached = torch.nn.functional.normalize(clip_text_embeddings(encoder, corpus.name, prompts, cache_dir).double(),
                                            dim=-1)  # what evaluate used (fp16 cache)
     exact = encoder.encode(prompts).double()
@@ -111,16 +113,17 @@ def test_another_corpus_by_path(tmp_path, cache_dir, checkpoint):
 
 
 def test_clip_weights_from_a_local_file_and_missing_weights_error(tmp_path):
-    random = ClipEncoder("a3d-tiny-clip", None, seed=3)
+    random = ClipEncoder("a3d-tiny-clip", None, seed=3, config_dirs=[CLIP_CONFIGS])
     path = tmp_path / "weights.bin"
     torch.save(random.model.state_dict(), path)
-    loaded = ClipEncoder("a3d-tiny-clip", str(path))
+    loaded = ClipEncoder("a3d-tiny-clip", str(path), config_dirs=[CLIP_CONFIGS])
     prompts = ["a red cube", "a blue sphere"]
     assert torch.equal(loaded.encode(prompts), random.encode(prompts))
     assert loaded.identity != random.identity
-    assert torch.equal(ClipEncoder("a3d-tiny-clip", None, seed=3).encode(prompts), random.encode(prompts))
+    again = ClipEncoder("a3d-tiny-clip", None, seed=3, config_dirs=[CLIP_CONFIGS])
+    assert torch.equal(again.encode(prompts), random.encode(prompts))
     with pytest.raises(ClipWeightsError, match=r"a3d-tiny-clip.*evaluator.pretrained=/path/to"):
-        ClipEncoder("a3d-tiny-clip", str(tmp_path / "missing.bin"))
+        ClipEncoder("a3d-tiny-clip", str(tmp_path / "missing.bin"), config_dirs=[CLIP_CONFIGS])
     with pytest.raises(ValueError, match="ViT-L-14"):
         ClipEncoder("ViT-Nope", "openai")
 
@@ -144,6 +147,7 @@ def test_training_logs_validation_metrics_and_turntables(checkpoint):
 def test_validation_metrics_with_clip(tmp_path, cache_dir):
     clip = "callbacks.validation_metrics.clip={model: a3d-tiny-clip, pretrained: null}"
     train(compose(tmp_path, cache_dir, "callbacks.validation_metrics.evaluator=clip", clip,
+                  f"+callbacks.validation_metrics.clip.config_dirs=[{CLIP_CONFIGS}]",
                   "callbacks.validation_metrics.num_prompts=2", "callbacks.validation_metrics.video_dir=null",
                   "trainer.max_steps=2", "~callbacks.checkpoint"))
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("val/clip_sim")]

@@ -308,7 +308,8 @@ def test_row10_exported_videos_of_lookalike_prompts_do_not_overwrite(tmp_path, c
 
 # ---------------------------------------------------------------- row 13: full disks
 def test_row13_torch_save_to_dev_full_is_reported_as_enospc(tmp_path):
-    from amortized3d.checkpoint_io import disk_full_error, write_torch
+    from amortized3d.atomic import disk_full_error
+    from amortized3d.checkpoint_io import write_torch
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this OS")

@@ -15,7 +15,7 @@ from torch.func import functional_call, jvp
 
 from amortized3d.corpora import Corpus
 from amortized3d.priors.lora_score_model import LoRAScoreModel
-from amortized3d.priors.sd_tiny import build_tiny_sd
+from amortized3d.priors.sd_random import build_tiny_sd
 from amortized3d.build import build_system
 from conftest import CONFIGS, compose
 from sd_helpers import sd_overrides

@@ -105,7 +105,7 @@ def test_long_prompts_are_truncated_keeping_eos_with_a_warning_naming_them(tiny_
 
 
 def test_text_encoder_identity_follows_the_weights(tiny_sd, tmp_path):
-    from amortized3d.priors.sd_tiny import build_tiny_sd
+    from amortized3d.priors.sd_random import build_tiny_sd
 
     other = build_tiny_sd(tmp_path / "other", seed=1)
     a = CLIPTextEncoder(str(tiny_sd), local_files_only=True)
@@ -197,7 +197,7 @@ def test_a_tokenizer_saved_without_model_max_length_uses_the_encoders_positions(
 
     from transformers import CLIPTokenizer
 
-    from amortized3d.priors.sd_tiny import build_tiny_sd, write_tokenizer_files
+    from amortized3d.priors.sd_random import build_tiny_sd, write_tokenizer_files
 
     root = build_tiny_sd(tmp_path / "sd")  # the same seed, hence the same weights, as the fixture's
     vocab, merges = write_tokenizer_files(tmp_path / "src")

@@ -77,7 +77,7 @@ def test_build_then_load_hits_cache(tmp_path):
     assert enc.calls == 3 and torch.equal(first, again)
     assert first.dtype == torch.float32 and first.shape == (len(PROMPTS), 64)
     names = _files(tmp_path)
-    assert len(names) == 2 and names[0].startswith("toy__CountingEncoder-v1-dim64-seed0__")  # class is in the identity
+    assert len(names) == 2 and names[0].startswith("toy__countingencoder_v1_dim64_seed0__")  # class is in the identity
     half = EmbeddingCache(tmp_path).load_or_build(enc, "toy", PROMPTS, dtype=torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half.float(), first) and enc.calls == 3
 
@@ -110,6 +110,18 @@ def test_changed_corpus_or_encoder_rebuilds(tmp_path):
     cache.load_or_build(other, "toy", PROMPTS)
     assert other.prompts_encoded == len(PROMPTS)
     assert len(_files(tmp_path)) == 8
+
+
+def test_file_names_use_the_one_slugifier_and_stay_unique_by_key(tmp_path):
+    from amortized3d.slugs import readable
+
+    cache, enc = EmbeddingCache(tmp_path), CountingEncoder()
+    a = cache.entry(enc, "My Corpus (v2)", PROMPTS)
+    assert a.array_path.name == f"{readable('My Corpus (v2)')}__{readable(enc.identity)}__{a.key[:16]}.npy"
+    assert set(a.array_path.stem) <= set("abcdefghijklmnopqrstuvwxyz0123456789_")
+    # same readable part, other prompts or encoder: another key, so another file
+    assert cache.entry(enc, "my corpus v2", PROMPTS[:-1]).array_path != a.array_path
+    assert cache.entry(CountingEncoder(seed=1), "My Corpus (v2)", PROMPTS).array_path != a.array_path
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "sidecar", "no_sidecar", "header"])

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from amortized3d.priors.sd_tiny import build_tiny_sd
+from amortized3d.priors.sd_random import build_tiny_sd
 from amortized3d.priors.stable_diffusion import StableDiffusionPrior
 from amortized3d.text.cache import EmbeddingCache
 from amortized3d.text.clip import CLIPTextEncoder

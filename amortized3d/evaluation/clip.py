@@ -7,7 +7,6 @@ random weights (smoke tests; seeded, so two runs agree). The text side implement
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -16,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amortized3d.fingerprint import files_fingerprint
 from amortized3d.text.base import TextEncoder
 
 log = logging.getLogger(__name__)
-# Extra model configs shipped with the project (a3d-tiny-clip: random-weight smoke tests only).
-CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 
 
 class ClipWeightsError(RuntimeError):
@@ -30,7 +28,7 @@ class ClipWeightsError(RuntimeError):
 def _register_configs(extra_dirs: Sequence[str | Path] = ()) -> None:
     import open_clip
 
-    for d in (CONFIG_DIR, *extra_dirs):
+    for d in extra_dirs:  # e.g. the tests' random-weight a3d-tiny-clip (tests/clip_configs)
         if Path(d) not in getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", []):
             open_clip.add_model_config(Path(d))
 
@@ -39,14 +37,8 @@ def _weights_identity(pretrained: str | None, seed: int) -> str:
     """What determines the weights (keys the embedding cache)."""
     if pretrained is None:
         return f"random-seed{seed}"
-    path = Path(pretrained)
-    if path.is_file():  # a local file: its content decides (hash of size + head + tail is enough)
-        stat = path.stat()
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-            f.seek(max(0, stat.st_size - (1 << 20)))
-            tail = f.read()
-        return f"file-{stat.st_size}-{hashlib.sha256(head + tail).hexdigest()[:16]}"
+    if Path(pretrained).is_file():  # a local file: its content decides (size + boundary bytes are enough)
+        return f"file-{files_fingerprint(pretrained)}"
     return pretrained
 
 
@@ -58,8 +50,8 @@ class ClipEncoder(TextEncoder):
 
         _register_configs(config_dirs)
         if model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model!r}; valid names include ViT-B-16, ViT-L-14, "
-                             f"a3d-tiny-clip (all: open_clip.list_models())")
+            raise ValueError(f"unknown open_clip model {model!r}; valid names include ViT-B-16, ViT-L-14 "
+                             f"(all: open_clip.list_models(); more with config_dirs=[DIR of model configs])")
         self.model_name, self.pretrained, self.device = model, pretrained, torch.device(device)
         self.image_batch = int(image_batch)
         with torch.random.fork_rng(devices=[]):

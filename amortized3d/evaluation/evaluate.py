@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from amortized3d.checkpoint_io import atomic_write
+from amortized3d.atomic import atomic_write
 from amortized3d.corpora import load_corpus
 from amortized3d.evaluation.checkpoint import load_model, warn_if_prompts_differ
 from amortized3d.evaluation.orbit import Orbit

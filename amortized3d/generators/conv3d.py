@@ -63,7 +63,7 @@ class Conv3dGenerator(Generator):
         super().__init__()
         if sdf_bias not in ("sphere", "none"):
             raise ValueError(f"sdf_bias must be sphere|none, got {sdf_bias!r}")
-        self.text_dim, self.z_dim, self.latent_dim = text_dim, z_dim, z_dim
+        self.text_dim, self.z_dim = text_dim, z_dim
         self.mapping = MappingNetwork(z_dim, text_dim, w_dim, mapping_layers, normalize_text)
         self.synthesis = SynthesisNetwork(
             w_dim, resolution, channels, channel_base=channel_base, channel_max=channel_max,

@@ -81,7 +81,6 @@ class HyperIngpGenerator(Generator):
             # LayerNorm makes the first layer's scale irrelevant; SN there bounds its gradient.
             self.inp = _spectral_norm(self.inp)
             self.out = _spectral_norm(self.out)
-        self.spectral_norm = spectral_norm
         self.activation: Activation = activation
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius

@@ -190,7 +190,7 @@ class SynthesisNetwork(nn.Module):
         self.blocks = nn.ModuleList([
             SynthesisBlock(ch[r // 2], ch[r], out_features, w_dim, r, r <= const_bias_resolution, noise, conv_clamp)
             for r in res[1:]])
-        self.resolution, self.out_features, self.channels = resolution, out_features, ch
+        self.resolution, self.out_features = resolution, out_features
         self.gradient_checkpointing = gradient_checkpointing
 
     def forward(self, w: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from amortized3d.cameras import CameraBatch
 from amortized3d.guidance.auxiliary import AuxiliaryModel
 from amortized3d.priors.base import Prior
+from amortized3d.priors.schedule import per_item
 from amortized3d.schedules import Scheduled, TimestepSampler
 
 
@@ -82,7 +83,7 @@ def timestep_weight(kind: str, alphas_cumprod: Tensor, t: Tensor) -> Tensor:
 
 
 def expand_like(w: Tensor, x: Tensor) -> Tensor:
-    return w.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return per_item(w, x).to(x.dtype)
 
 
 class Guidance(nn.Module):

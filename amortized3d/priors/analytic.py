@@ -33,7 +33,7 @@ from torch import Tensor
 
 from amortized3d.cameras import VIEW_LABELS
 from amortized3d.priors.base import Prior
-from amortized3d.priors.schedule import NoiseSchedule
+from amortized3d.priors.schedule import NoiseSchedule, cfg_mix
 
 UNCONDITIONAL = -1  # object id of the empty prompt: every reference is allowed
 
@@ -224,7 +224,7 @@ class AnalyticPrior(Prior):
         elif x0_c is None:
             x0 = x0_u
         else:
-            x0 = x0_u + guidance_scale * (x0_c - x0_u)
+            x0 = cfg_mix(x0_u, x0_c, guidance_scale)
         return x0.to(x_t.dtype)
 
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: AnalyticCondition, guidance_scale: float = 1.0) -> Tensor:
@@ -239,5 +239,5 @@ class AnalyticPrior(Prior):
         elif eps_c is None:
             eps = eps_u
         else:
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            eps = cfg_mix(eps_u, eps_c, guidance_scale)
         return eps.to(x_t.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.priors.base import Prior
-from amortized3d.priors.schedule import NoiseSchedule
+from amortized3d.priors.schedule import NoiseSchedule, per_item
 
 
 def abar_at(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def abar_at(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> Tensor:
     t = torch.as_tensor(t, device=like.device).long().reshape(-1)
     a = schedule.alphas_cumprod.to(like.device)[t.clamp(min=0)]
     a = torch.where(t < 0, torch.ones_like(a), a).to(like.dtype)
-    return a.reshape(-1, *([1] * (like.dim() - 1)))
+    return per_item(a, like)
 
 
 def ddim_step(x_t: Tensor, eps: Tensor, t: Tensor, t_next: Tensor, schedule: NoiseSchedule) -> Tensor:

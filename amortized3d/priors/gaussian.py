@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.priors.base import Prior
-from amortized3d.priors.schedule import NoiseSchedule
+from amortized3d.priors.schedule import NoiseSchedule, cfg_mix, per_item
 
 
 @dataclass
@@ -72,7 +72,7 @@ class GaussianPrior(Prior):
     def marginal(self, t: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Mean [N,D] and covariance [N,D,D] of x_t for components ``ids``."""
         mu, cov = self._component(ids)
-        a = self.schedule.alphas_cumprod.to(mu.device).double()[t.long().to(mu.device)][:, None]
+        a = per_item(self.schedule.alphas_cumprod.to(mu.device).double()[t.long().to(mu.device)], mu)
         eye = torch.eye(self.dim, dtype=mu.dtype, device=mu.device)
         return a.sqrt() * mu, a[..., None] * cov + (1 - a)[..., None] * eye
 
@@ -80,7 +80,7 @@ class GaussianPrior(Prior):
         shape, dtype = x_t.shape, x_t.dtype
         x = x_t.reshape(shape[0], -1).double()
         mean, cov = self.marginal(t, ids)
-        a = self.schedule.alphas_cumprod.to(x.device).double()[t.long().to(x.device)][:, None]
+        a = per_item(self.schedule.alphas_cumprod.to(x.device).double()[t.long().to(x.device)], x)
         eps = (1 - a).sqrt() * torch.linalg.solve(cov, (x - mean)[..., None])[..., 0]
         return eps.to(dtype).reshape(shape)
 
@@ -91,9 +91,9 @@ class GaussianPrior(Prior):
         eps_u = self.eps_exact(x_t, t, torch.full_like(ids, -1))
         if guidance_scale == 0.0:
             return eps_u
-        return eps_u + guidance_scale * (self.eps_exact(x_t, t, ids) - eps_u)
+        return cfg_mix(eps_u, self.eps_exact(x_t, t, ids), guidance_scale)
 
     def score(self, x_t: Tensor, t: Tensor, ids: Tensor) -> Tensor:
         """grad log p_t(x_t) = -eps_hat / sqrt(1 - abar_t)."""
-        a = self.schedule.alphas_cumprod.to(x_t.device)[t.long()].reshape(-1, *([1] * (x_t.dim() - 1)))
+        a = per_item(self.schedule.alphas_cumprod.to(x_t.device)[t.long()], x_t)
         return -self.eps_exact(x_t, t, ids) / (1 - a).sqrt().to(x_t.dtype)

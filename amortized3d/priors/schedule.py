@@ -1,8 +1,22 @@
-"""Discrete DDPM noise schedule (1000 steps) and the conversions every guidance needs."""
+"""Discrete DDPM noise schedule (1000 steps), the conversions every guidance needs, and the two
+per-item operations every prior and guidance shares: broadcasting one value per item
+(:func:`per_item`) and classifier-free guidance mixing (:func:`cfg_mix`)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+def per_item(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` [N] (or a scalar) as [N, 1, ..., 1]: one value per item of ``like`` [N, ...]
+    (abar_t, a loss weight w(t), a Perp-Neg weight), broadcastable against it. No dtype cast."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def cfg_mix(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance in the diffusers convention, u + s (c - u): s = 1 is the conditional
+    prediction, s = 0 the unconditional one. Linear, so it holds for eps and x0 predictions alike."""
+    return uncond + scale * (cond - uncond)
 
 
 class NoiseSchedule(nn.Module):
@@ -28,8 +42,7 @@ class NoiseSchedule(nn.Module):
         return int(self.alphas_cumprod.shape[0])
 
     def _abar(self, t: Tensor, like: Tensor) -> Tensor:
-        a = self.alphas_cumprod.to(like.device)[t.long()].to(like.dtype)
-        return a.reshape(-1, *([1] * (like.dim() - 1)))
+        return per_item(self.alphas_cumprod.to(like.device)[t.long()].to(like.dtype), like)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a = self._abar(t, x0)

@@ -31,6 +31,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from amortized3d.priors.schedule import per_item
+
 # threestudio PromptProcessor.Config defaults: (alpha, beta, c) of f(r) = alpha exp(-beta r) + c.
 PERP_NEG_DECAY: dict[str, tuple[float, float, float]] = {
     "f_sb": (1.0, 0.5, -0.606), "f_fsb": (1.0, 0.5, 0.967), "f_fs": (4.0, 0.5, -2.426), "f_sf": (4.0, 0.5, -2.426)}
@@ -109,7 +111,7 @@ def perpendicular(x: Tensor, y: Tensor) -> Tensor:
     ||y||^2 floored at 1e-6 as threestudio's ``perpendicular_component``."""
     xf, yf = x.flatten(1), y.flatten(1)
     coef = (xf * yf).sum(1) / yf.pow(2).sum(1).clamp_min(1e-6)
-    return x - coef.reshape(-1, *([1] * (x.dim() - 1))) * y
+    return x - per_item(coef, x) * y
 
 
 def combine_perp_neg(eps_u: Tensor, eps_c: Tensor, eps_neg: Tensor, weights: Tensor, scale: float) -> Tensor:
@@ -117,7 +119,7 @@ def combine_perp_neg(eps_u: Tensor, eps_c: Tensor, eps_neg: Tensor, weights: Ten
     e_pos = eps_c - eps_u
     acc = torch.zeros_like(e_pos)
     for k in range(eps_neg.shape[1]):
-        w = weights[:, k].reshape(-1, *([1] * (e_pos.dim() - 1))).to(e_pos)
+        w = per_item(weights[:, k], e_pos).to(e_pos)
         acc = acc + w * perpendicular(eps_neg[:, k] - eps_u, e_pos)
     return eps_u + scale * (e_pos - acc)
 

@@ -13,7 +13,6 @@ conditional branch alone and 0 the unconditional one, with Perp-Neg on or off.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -24,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amortized3d.checkpoint_io import CheckpointError, load_torch, save_torch
+from amortized3d.fingerprint import tensors_fingerprint
 from amortized3d.priors.base import Prior
-from amortized3d.priors.schedule import NoiseSchedule
+from amortized3d.priors.schedule import NoiseSchedule, cfg_mix
 from amortized3d.priors.sd_conditioning import (PERP_NEG_VIEWS, SDCondition, combine_perp_neg, perp_neg_mixing,
                                                 view_prompt)
 from amortized3d.sd_loading import (configure_attention, fit_tokenizer_length, freeze, load_component,
@@ -121,13 +121,8 @@ class StableDiffusionPrior(Prior):
         return torch.einsum("nkhw,kc->nchw", torch.cat([rgb * 2 - 1, torch.ones_like(rgb[:, :1])], 1), m)
 
     def vae_digest(self) -> str:
-        """Digest of the VAE's weights (names, dtypes, shapes, values): what the affine fit depends on."""
-        h = hashlib.blake2b(digest_size=16)
-        for name, tensor in self.vae.state_dict().items():
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        """Fingerprint of the VAE's weights (names, dtypes, shapes, values): what the affine fit depends on."""
+        return tensors_fingerprint(self.vae.state_dict())
 
     def cached_rgb_to_latent(self) -> Tensor:
         """``fit_rgb_to_latent`` once per VAE: from this process' memo, else the cache dir, else fit (and store).
@@ -244,7 +239,7 @@ class StableDiffusionPrior(Prior):
             eps_c, eps_u, eps_n = eps[:n], eps[n:2 * n], eps[2 * n:].reshape(n, k, *x_t.shape[1:])
             return combine_perp_neg(eps_u, eps_c, eps_n, cond.negative_weights, guidance_scale).to(x_t.dtype)
         eps_c, eps_u = self.cond_uncond_eps(x_t, t, cond)
-        return (eps_u + guidance_scale * (eps_c - eps_u)).to(x_t.dtype)
+        return cfg_mix(eps_u, eps_c, guidance_scale).to(x_t.dtype)
 
     def cond_uncond_eps(self, x_t: Tensor, t: Tensor, cond: SDCondition) -> tuple[Tensor, Tensor]:
         """(eps_c, eps_u) from ONE batch-2N UNet pass (what CFG and CSD need)."""

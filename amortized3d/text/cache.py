@@ -8,11 +8,12 @@ Kinds: ``pooled`` [N, E] (what generators are conditioned on; 2*E bytes per prom
 encoders with ``encode_tokens`` (SD's CLIP), ``tokens`` [N, L, E] in a second file
 (``...__tokens.npy``; 77*1024*2 bytes = 158 KB per prompt, so it is opt-in).
 
-Files, in ``root``: ``<corpus>__<slug(identity)>__<key[:16]>[__tokens].npy`` and a ``.json`` sidecar
-holding the full key = sha256(identity NUL prompt_0 NUL prompt_1 ...), N, E, dtype and the
-sha256 of the array bytes. Any change of encoder or corpus changes the key (a new file).
-Writes go to a temp file in the same directory, are fsynced and ``os.replace``d; the sidecar
-is written last, also atomically, so a crash never leaves a pair that verifies.
+Files, in ``root``: ``<readable(corpus)>__<readable(identity)>__<key[:16]>[__tokens].npy``
+(``slugs.readable``; the key makes the name unique) and a ``.json`` sidecar holding the full
+key = sha256(identity NUL prompt_0 NUL prompt_1 ...), N, E, dtype and the sha256 of the array
+bytes. Any change of encoder or corpus changes the key (a new file).
+Writes go through ``amortized3d.atomic`` (temp file in the same directory, fsynced, ``os.replace``d);
+the sidecar is written last, also atomically, so a crash never leaves a pair that verifies.
 
 Verification at start-up is O(1) in the corpus size (issue 15): the sidecar records the array
 file's size, mtime and inode and a hash of its first and last MiB; when those match, the full
@@ -34,13 +35,11 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import threading
 import time
 from contextlib import contextmanager
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from amortized3d.atomic import atomic_path, atomic_write
+from amortized3d.slugs import readable
 from amortized3d.text.base import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,6 @@ def local_rank_from_env() -> int:
     return 0
 
 
-def slug(text: str, max_len: int = 64) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_len] or "x"
-
-
 @dataclass(frozen=True)
 class CacheEntry:
     array_path: Path
@@ -108,16 +105,6 @@ class CacheEntry:
     @property
     def array_shape(self) -> tuple[int, ...]:
         return self.shape or (self.num_prompts, self.embedding_dim)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the data file was synced
-        pass
-    finally:
-        os.close(fd)
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -243,7 +230,8 @@ class EmbeddingCache:
         if kind == "tokens" and not hasattr(encoder, "encode_tokens"):
             raise TypeError(f"{type(encoder).__name__} has no token embeddings (encode_tokens)")
         key = cache_key(encoder.identity if kind == "pooled" else f"{encoder.identity}#{kind}", prompts)
-        stem = f"{slug(corpus_name)}__{slug(encoder.identity)}__{key[:16]}" + ("" if kind == "pooled" else f"__{kind}")
+        stem = (f"{readable(corpus_name, fallback='x')}__{readable(encoder.identity, fallback='x')}__{key[:16]}"
+                + ("" if kind == "pooled" else f"__{kind}"))
         dim = int(encoder.embedding_dim)
         shape = (len(prompts), dim) if kind == "pooled" else (len(prompts), *map(int, encoder.token_shape))
         return CacheEntry(self.root / f"{stem}.npy", self.root / f"{stem}.json", key, len(prompts), dim, kind, shape)
@@ -349,8 +337,8 @@ class EmbeddingCache:
                 return np.load(entry.array_path, mmap_mode="c")
             now = time.monotonic()
             holder = _read_lock(self.lock_path(entry))
-            hint = (f"; build it first with `python scripts/precompute_text_embeddings.py` (training text) or on one "
-                    f"rank, or raise the wait timeout")
+            hint = ("; build it first with `python scripts/precompute_text_embeddings.py` (training text) or on one "
+                    "rank, or raise the wait timeout")
             if holder is not None:
                 last_holder_seen = now
                 dead = _lock_dead(holder, stale_s)
@@ -422,16 +410,13 @@ class EmbeddingCache:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         entry.sidecar_path.unlink(missing_ok=True)  # never pair a stale sidecar with new bytes
-        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp_array = entry.array_path.with_name(f".{entry.array_path.name}.{tag}")
-        tmp_sidecar = entry.sidecar_path.with_name(f".{entry.sidecar_path.name}.{tag}")
-        with _sigterm_raises():  # SIGTERM unwinds through the finally below instead of killing outright
-            self._write(entry, encoder, prompts, batch_size, progress, tmp_array, tmp_sidecar)
+        with _sigterm_raises():  # SIGTERM unwinds through atomic_path's cleanup instead of killing outright
+            self._write(entry, encoder, prompts, batch_size, progress)
 
     def _write(self, entry: CacheEntry, encoder: TextEncoder, prompts: Sequence[str], batch_size: int,
-               progress: Callable[[int], None] | None, tmp_array: Path, tmp_sidecar: Path) -> None:
+               progress: Callable[[int], None] | None) -> None:
         started = last_log = time.monotonic()
-        try:
+        with atomic_path(entry.array_path) as tmp_array:
             mm = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=_DTYPE,
                                            shape=entry.array_shape)
             digest = hashlib.sha256()
@@ -451,22 +436,12 @@ class EmbeddingCache:
             mm.flush()
             offset = int(mm.offset)
             del mm
-            _fsync_path(tmp_array)
-            os.replace(tmp_array, entry.array_path)
-            fast = {"stamp": _file_stamp(entry.array_path), "edge_sha256": _edge_sha256(entry.array_path, offset)}
-            meta = {"format_version": FORMAT_VERSION, "key": entry.key, "identity": encoder.identity,
-                    "num_prompts": entry.num_prompts, "embedding_dim": entry.embedding_dim,
-                    "dtype": np.dtype(_DTYPE).name, "shape": list(entry.array_shape), "kind": entry.kind,
-                    "data_offset": offset, "sha256": digest.hexdigest(), **fast}
-            with open(tmp_sidecar, "w") as f:
-                json.dump(meta, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_sidecar, entry.sidecar_path)
-            _fsync_path(self.root)
-        finally:
-            tmp_array.unlink(missing_ok=True)
-            tmp_sidecar.unlink(missing_ok=True)
+        fast = {"stamp": _file_stamp(entry.array_path), "edge_sha256": _edge_sha256(entry.array_path, offset)}
+        meta = {"format_version": FORMAT_VERSION, "key": entry.key, "identity": encoder.identity,
+                "num_prompts": entry.num_prompts, "embedding_dim": entry.embedding_dim,
+                "dtype": np.dtype(_DTYPE).name, "shape": list(entry.array_shape), "kind": entry.kind,
+                "data_offset": offset, "sha256": digest.hexdigest(), **fast}
+        atomic_write(entry.sidecar_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
     @staticmethod
     def _encode_batch(encoder: TextEncoder, prompts: Sequence[str], kind: str = "pooled") -> Tensor:

@@ -6,12 +6,11 @@ tokenizer's 77 tokens are truncated the way SD pipelines truncate them — the l
 the end-of-text token, whose final hidden state *is* the pooled output — and a warning names them.
 
 The model is loaded lazily: with a warm embedding cache a training run never loads it. The
-cache ``identity`` fingerprints the files (config, tokenizer, weight sizes and boundary bytes),
+cache ``identity`` fingerprints the files (``amortized3d.fingerprint``: names, sizes and boundary bytes),
 so re-trained or swapped weights at the same path get a new cache entry.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 import weakref
@@ -21,12 +20,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from amortized3d.fingerprint import files_fingerprint
 from amortized3d.sd_loading import (MissingWeightsError, fit_tokenizer_length, freeze, load_component,
                                            missing_weights_message, resolve_device, resolve_dtype)
 from amortized3d.text.base import TextEncoder
 from amortized3d.text.cache import local_rank_from_env
 
-_FINGERPRINT_BYTES = 1 << 20
 _MAX_NAMED = 5
 
 
@@ -77,20 +76,6 @@ def register_text_model(name_or_path: str, revision: str | None, subfolder: str,
     return model
 
 
-def _files_fingerprint(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        size = path.stat().st_size
-        h.update(str(size).encode())
-        with open(path, "rb") as f:  # boundary bytes: cheap, and differ for any re-saved weights
-            h.update(f.read(_FINGERPRINT_BYTES))
-            if size > 2 * _FINGERPRINT_BYTES:
-                f.seek(-_FINGERPRINT_BYTES, 2)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
 def _snapshot_dir(name_or_path: str, revision: str | None, local_files_only: bool) -> Path | None:
     local = Path(name_or_path).expanduser()
     if local.is_dir():
@@ -129,7 +114,7 @@ class CLIPTextEncoder(TextEncoder):
             snap = _snapshot_dir(self.name_or_path, self.revision, self.local_files_only)
             if snap is None:
                 raise MissingWeightsError(missing_weights_message(self.name_or_path, self.subfolder))
-            parts = [_files_fingerprint(snap / self.subfolder), _files_fingerprint(snap / self.tokenizer_subfolder)]
+            parts = [files_fingerprint(snap / self.subfolder), files_fingerprint(snap / self.tokenizer_subfolder)]
             dtype = str(self.dtype).replace("torch.", "")
             self._identity = f"sd-clip-pooled-{self.name_or_path}-{dtype}-{'-'.join(parts)}"
         return self._identity

@@ -1,9 +1,10 @@
-"""A tiny, randomly initialised Stable Diffusion in the diffusers layout, built from config.
+"""A randomly initialised Stable Diffusion in the diffusers layout, built from config (tiny by default).
 
 Why: no weights can be downloaded on development/CI machines, but the real loading code
-(``from_pretrained`` by subfolder) must still be exercised. This writes the same five
-subfolders a real SD-2.1 snapshot has (unet, vae, scheduler, text_encoder, tokenizer), with
-the same component classes, at toy sizes. The tokenizer is a byte-level CLIP BPE whose vocab
+(``from_pretrained`` by subfolder) must still be exercised: the tests build their SD with this,
+the benchmarks (``benchmark_sd``'s tiny size, ``bench_cache_size``) their models of a given width.
+This writes the same five subfolders a real SD-2.1 snapshot has (unet, vae, scheduler,
+text_encoder, tokenizer), with the same component classes, at toy sizes. The tokenizer is a byte-level CLIP BPE whose vocab
 and merges files are written here (bytes, bytes + "</w>", a few merges, the two specials).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 _MERGES = [("c", "u"), ("r", "e</w>"), ("b", "e"), ("t", "h"), ("a", "l"), ("al", "l</w>")]
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """GPT-2/CLIP's printable stand-in for each of the 256 bytes."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     out, extra = keep[:], 0
@@ -30,7 +31,7 @@ def _byte_chars() -> list[str]:
 
 def write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     """vocab.json and merges.txt of a byte-level CLIP BPE; returns their paths."""
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in _MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     directory.mkdir(parents=True, exist_ok=True)

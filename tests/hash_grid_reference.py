@@ -1,10 +1,9 @@
-"""The obviously-correct reference of the hash encoding (tests and benchmarks compare to it)."""
+"""The obviously-correct reference of the hash encoding (test_encodings compares both implementations to it)."""
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
 
 
 def naive_hash_grid_reference(x, table, instance_ids=None, *, n_levels, n_features_per_level,
@@ -42,11 +41,3 @@ def naive_hash_grid_reference(x, table, instance_ids=None, *, n_levels, n_featur
         outs.append(acc)
         offset += (res + 1) ** 3 if dense else size
     return torch.cat(outs, dim=-1)
-
-
-def naive_reference_for(encoding, x: Tensor, instance_ids: Tensor | None = None) -> Tensor:
-    """Reference output for a :class:`HashGridEncoding`'s own table and config."""
-    return naive_hash_grid_reference(
-        x, encoding.table, instance_ids, n_levels=encoding.n_levels,
-        n_features_per_level=encoding.n_features_per_level, log2_hashmap_size=encoding.log2_hashmap_size,
-        base_resolution=encoding.base_resolution, per_level_scale=encoding.per_level_scale, bound=encoding.bound)
