@@ -12,7 +12,6 @@ path and says how to provide it.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any

@@ -87,6 +87,8 @@ EXPERIMENT_SETTINGS = {
     "l2vsd_ingp_per_prompt": (2.0, HASH_GRID["stable_diffusion"], 1e-2, 7.5),
     "sdi_ingp_per_prompt": (2.0, HASH_GRID["stable_diffusion"], 1e-2, 7.5),
     "vsd_ingp_per_prompt": (2.0, HASH_GRID["stable_diffusion"], 1e-2, 7.5),
+    # Not a paper's: the SD code path on the primitives world (the analytic world's bound, grid and CFG).
+    "toy_sd": (1.0, HASH_GRID["analytic"], 4e-3, 7.5),
 }
 
 

@@ -1,7 +1,6 @@
 """HashGridEncoding against a naive loop reference, finite differences and grid mathematics."""
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import warnings

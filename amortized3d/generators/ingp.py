@@ -20,7 +20,6 @@ without it (evaluation, export) the field is particle ``eval_particle`` (generat
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping
 

@@ -16,7 +16,6 @@ Stages (each a plain PyTorch loop on the project's reference renders):
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
