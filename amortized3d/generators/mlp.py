@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from amortized3d.threads import single_thread
+
 Activation = Literal["relu", "silu"]
 LayerShape = tuple[int, int]  # (out_features, in_features), like nn.Linear.weight
 
@@ -236,12 +238,8 @@ def _one_thread(x: Tensor):
     if x.device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _Buffer:

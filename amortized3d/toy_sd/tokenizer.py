@@ -13,21 +13,10 @@ from pathlib import Path
 from typing import Iterable
 
 from amortized3d.cameras import VIEW_LABELS
+from amortized3d.priors.sd_random import byte_chars
 from amortized3d.scenes.primitives import PrimitivesWorld
 
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 bytes (CLIP's ``bytes_to_unicode``)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    out, extra = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            out.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in out]
 
 
 def world_words(world: PrimitivesWorld | None = None) -> list[str]:
@@ -38,7 +27,7 @@ def world_words(world: PrimitivesWorld | None = None) -> list[str]:
 
 
 def _write(directory: Path, merges: list[tuple[str, str]]) -> tuple[Path, Path]:
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(SPECIALS)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges_file = directory / "vocab.json", directory / "merges.txt"

@@ -9,10 +9,9 @@ here is the objectives themselves. Reported: ||m_q - m_p||, ||Cov_q - Cov_p||_F 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +24,7 @@ from amortized3d.guidance.sds import SDSGuidance
 from amortized3d.guidance.vsd import L2VSDGuidance, LVSDGuidance, VSDGuidance
 from amortized3d.priors.gaussian import GaussianPrior
 from amortized3d.priors.score_models import GaussianScoreModel
+from amortized3d.threads import single_thread
 from amortized3d.update_order import StepParts, UpdateOrderExecutor, build_auxiliary_optimizer
 
 METHODS = ("sds", "vsd", "lvsd", "l2vsd")
@@ -142,17 +142,6 @@ def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
         progress = (step - warmup) / max(1, int(1.5 * total) - warmup)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return factor
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """2x2 problems: intra-op threads only add synchronisation (1000x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(method: str, cfg: ToyConfig = ToyConfig(), log_every: int = 0) -> dict:
