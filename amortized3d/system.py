@@ -23,11 +23,13 @@ from torch import Tensor
 from amortized3d.cameras import CameraBatch, CameraRanges, orbit_cameras, sample_cameras
 from amortized3d.data import step_generator
 from amortized3d.divergence import DivergenceGuard, last_good_checkpoint, uncount_lightning_step
+from amortized3d.evaluation.shard import gather_results, shard_indices
 from amortized3d.generators.base import Generator
 from amortized3d.guidance.base import Guidance, GuidanceInput
 from amortized3d.model import AmortizedModel, upgrade_state_dict
 from amortized3d.optim import build_optimizer
 from amortized3d.rendering import Background, RenderOutput, SolidBackground, VolumeRenderer
+from amortized3d.run_guard import DivergenceError
 from amortized3d.schedules import Scheduled
 from amortized3d.text.base import TextEncoder
 from amortized3d.update_order import StepParts, UpdateOrderExecutor, build_auxiliary_optimizer
@@ -62,6 +64,9 @@ class AmortizedSystem(L.LightningModule):
         self._resume_history: list[dict] = []
         self.auxiliary_optimizer: torch.optim.Optimizer | None = None
         self._render_memo: dict = {}  # this step's GuidanceInput.memo (one VAE encode per step)
+        # The guidance's frozen pretrained weights outside the prior (e.g. a LoRA's base UNet): never checkpointed.
+        frozen = guidance.auxiliary.frozen_state_keys if guidance.auxiliary is not None else ()
+        self._frozen_keys = {f"guidance.{k}" for k in frozen}
         self.save_hyperparameters({"config": config or {}})
         self.val_images: list[Tensor] = []
 
@@ -185,8 +190,6 @@ class AmortizedSystem(L.LightningModule):
         renders_finite = bool(torch.isfinite(out.rgb).all()) if not stepped else True
         if not self.guard.record(stepped, self.batch_index, self.global_step, renders_finite, bad):
             return
-        from amortized3d.run_guard import DivergenceError
-
         streak = self.guard.streak
         names = {id(p): n for n, p in self.named_parameters()}
         raise DivergenceError(
@@ -253,8 +256,6 @@ class AmortizedSystem(L.LightningModule):
     # --- validation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Each rank renders its shard of the (bounded) val prompts; rank 0 assembles the grid."""
-        from amortized3d.evaluation.shard import gather_results, shard_indices
-
         prompts = self.renderable(self.trainer.datamodule.val_prompts)
         if not prompts:
             return
@@ -297,10 +298,6 @@ class AmortizedSystem(L.LightningModule):
         return None
 
     def _is_frozen(self, key: str) -> bool:
-        if not hasattr(self, "_frozen_keys"):
-            aux = self.guidance.auxiliary
-            keys = aux.frozen_state_keys if aux is not None else ()
-            self._frozen_keys = {f"guidance.{k}" for k in keys}
         return key.startswith(FROZEN_PREFIX) or key in self._frozen_keys
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
