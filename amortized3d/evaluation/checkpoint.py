@@ -16,6 +16,7 @@ from torch import nn
 
 from amortized3d.build import build_model, build_prior, load_run_corpus, run_corpus
 from amortized3d.checkpoint_io import CheckpointError, load_torch
+from amortized3d.config_version import migrate_config
 from amortized3d.corpora import Corpus, CorpusNotFoundError
 from amortized3d.model import AmortizedModel, model_state_dict
 
@@ -49,8 +50,10 @@ def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locatio
     if not config:
         raise ValueError(f"{path} holds no amortized3d config (hyper_parameters.config); was it written by "
                          "scripts/train.py?")
+    state = ckpt.get("amortized3d") or {}
+    config = migrate_config(config, state.get("config_version", 0)).config  # an older layout: as today's
     cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
-    saved_prompts = (ckpt.get("amortized3d") or {}).get("train_prompts")
+    saved_prompts = state.get("train_prompts")
     corpus = _corpus_of(cfg, saved_prompts, path)
     if saved_prompts is None:  # a checkpoint older than the stored list: bound as its run was
         corpus = run_corpus(cfg, corpus)
