@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from amortized3d.build import build_model, build_prior, load_run_corpus, run_corpus
+from amortized3d.build import build_model, load_run_corpus, run_corpus
 from amortized3d.checkpoint_io import CheckpointError, load_torch
 from amortized3d.config_version import migrate_config
 from amortized3d.corpora import Corpus, CorpusNotFoundError
@@ -24,19 +23,18 @@ log = logging.getLogger(__name__)
 
 
 class LoadedModel(NamedTuple):
+    """What evaluation and export need: no prior (the oracle scores against the world node)."""
+
     model: AmortizedModel
-    prior: Any  # None unless with_prior (evaluation needs none: the oracle scores against the world node)
     corpus: Corpus
     cfg: DictConfig
 
 
-def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu", *,
-               with_prior: bool = False) -> LoadedModel:
-    """(model in eval mode, prior, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
+def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu") -> LoadedModel:
+    """(model in eval mode, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
 
     Overrides may change what does not alter parameter shapes (evaluation settings, the cache
-    directory, the renderer's sample budget, ...). ``with_prior``: also build the prior from the
-    checkpoint's config (for Stable Diffusion that loads its UNet and VAE).
+    directory, the renderer's sample budget, ...).
     """
     path = Path(ckpt_path)
     if not path.is_file():
@@ -59,10 +57,7 @@ def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locatio
         corpus = run_corpus(cfg, corpus)
     model = build_model(cfg, corpus, train_prompts=saved_prompts)
     model.load_state_dict(model_state_dict(ckpt["state_dict"]))
-    prior = build_prior(cfg) if with_prior else None
-    if isinstance(prior, nn.Module):
-        prior.eval()  # frozen, and only queried
-    return LoadedModel(model.eval(), prior, corpus, cfg)
+    return LoadedModel(model.eval(), corpus, cfg)
 
 
 def prompt_list_change(trained: Sequence[str], given: Sequence[str]) -> str | None:
