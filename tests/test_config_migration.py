@@ -22,8 +22,11 @@ from conftest import CONFIGS, ROOT, TINY, compose
 
 V0_COMMIT = "c16c78f"  # main before the restructure (git log --first-parent: session 6's last commit)
 UNSTAMPED_COMMIT = "1afc70a"  # main after the restructure, before the config_version stamp
-# what each old layout's resume reports as changed (applied) settings: the validation bound added since
-CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16]}, UNSTAMPED_COMMIT: {}}
+# What each old layout's resume reports as changed (applied, may-change) settings: the validation bound
+# added since, and the progress bar's class (a3fb795).
+_BAR = {"callbacks.progress_bar._target_": ["lightning.pytorch.callbacks.RichProgressBar",
+                                            "amortized3d.callbacks.StepProgressBar"]}
+CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16], **_BAR}, UNSTAMPED_COMMIT: _BAR}
 NUM_TRAIN_PROMPTS = 24  # set by train() from the corpus; the same number on both sides
 OUT = Path("/nonexistent/amortized3d-run")  # the run dir both sides' configs name (composing writes nothing)
 
@@ -103,8 +106,8 @@ def _meta(config: dict, version: int) -> dict:
 
 def test_every_pre_restructure_config_resumes_as_the_same_experiment(old_configs, new_configs):
     """Every shipped prior x generator x guidance, recorded by the old code, against today's
-    composition of the same command line: nothing blocks, and the one recorded change is the
-    validation bound added since (a may-change setting)."""
+    composition of the same command line: nothing blocks, and the recorded changes are the
+    may-change settings whose defaults changed since (:data:`CHANGED`)."""
     from amortized3d.run_guard import ResumeMismatchError, compare_resume
 
     commit, configs = old_configs
