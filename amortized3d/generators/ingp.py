@@ -23,7 +23,8 @@ instances are gathered into a working set (:func:`amortized3d.row_sparse.gather_
 built on it, and every parameter receives a row-sparse gradient over those instances only, which
 the optimizer built for these groups (``row_sparse``: :class:`amortized3d.row_sparse.LazyAdam`)
 applies with a step count per instance; the divergence guard backs up only those rows. Off: the
-dense gradient over every instance and torch's Adam (untouched prompts drift with their momentum).
+dense gradient over every instance and torch's Adam, whose step moves prompts outside the batch
+(their momentum, beta1 > 0) and bias-corrects every prompt with the global step count.
 """
 from __future__ import annotations
 
