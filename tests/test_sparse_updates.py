@@ -135,6 +135,13 @@ def test_lazy_optimizer_refuses_what_it_cannot_honour():
     assert build_optimizer(groups, {"name": "adamw", "lr": 0.1}).param_groups[0]["weight_decay"] == 1e-2  # torch's
 
 
+def test_the_hash_grid_keeps_its_group_lr_under_the_lazy_optimizer():
+    gen = IngpGenerator(4, ENCODING, mlp_hidden=8, sparse_updates=True)
+    opt = build_optimizer(gen.parameter_groups(), {"name": "adam", "lr": 1e-3, "group_lr": {"encoding": 1e-2}})
+    assert isinstance(opt, LazyAdam)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {"encoding": 1e-2, "network": 1e-3}
+
+
 def test_dense_adam_state_converts_to_per_row_counts():
     p = torch.nn.Parameter(torch.randn(3, 2))
     dense = torch.optim.Adam([p], lr=0.1)
