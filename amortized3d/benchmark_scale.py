@@ -250,9 +250,9 @@ def bench_ingp_step(sizes: Sequence[int] = (15, 1000, 13_551), batch: int = 2, p
     encoding = dict(encoding or _INGP_SMALL)
     rows = []
     for n in sizes:
-        g = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
-        x = torch.rand(batch, points, 3, generator=g) * 2 - 1
-        ids = torch.randperm(n, generator=g)[:batch]
+        rng = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
+        x = torch.rand(batch, points, 3, generator=rng) * 2 - 1
+        ids = torch.randperm(n, generator=rng)[:batch]
         steps = {}
         for name in ("dense", "sparse"):
             gen = IngpGenerator(n, encoding, mlp_hidden=64, sparse_updates=name == "sparse")

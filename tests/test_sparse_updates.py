@@ -25,9 +25,9 @@ def _linear_loss_step(param: torch.Tensor, ids: torch.Tensor, coeff: torch.Tenso
 @pytest.mark.parametrize("name,wd", [("adam", 0.0), ("adam", 0.05), ("adamw", 0.05)])
 def test_lazy_adam_equals_one_adam_per_row_on_its_own_steps(name, wd):
     """(a) Each row's t-th update is the t-th update of a torch Adam that saw only that row's gradients."""
-    g = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     P, shape, betas = 6, (3, 2), (0.9, 0.99)
-    init = torch.randn(P, *shape, generator=g, dtype=torch.float64)
+    init = torch.randn(P, *shape, generator=rng, dtype=torch.float64)
     param = torch.nn.Parameter(init.clone())
     opt = build_optimizer([{"params": [param], "name": "rows", "row_sparse": True}],
                           {"name": name, "lr": 0.05, "betas": betas, "eps": 1e-8, "weight_decay": wd})
@@ -37,8 +37,8 @@ def test_lazy_adam_equals_one_adam_per_row_on_its_own_steps(name, wd):
     ref_opts = [ref_cls([p], lr=0.05, betas=betas, eps=1e-8, weight_decay=wd) for p in refs]
     touched_ever = set()
     for _ in range(8):
-        ids = torch.randint(0, P - 1, (4,), generator=g)  # duplicates likely; row P-1 never touched
-        coeff = torch.randn(4, *shape, generator=g, dtype=torch.float64)
+        ids = torch.randint(0, P - 1, (4,), generator=rng)  # duplicates likely; row P-1 never touched
+        coeff = torch.randn(4, *shape, generator=rng, dtype=torch.float64)
         opt.zero_grad(set_to_none=True)
         _linear_loss_step(param, ids, coeff)
         opt.step()
