@@ -223,3 +223,15 @@ def test_optimizer_kind_change_on_resume_is_refused_or_converted(tmp_path, cache
                       "generator.sparse_updates=true", "resume.force=true"))
     state = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["state"]
     assert all(s["step"].dim() == 1 and int(s["step"].min()) >= 2 for s in state.values())
+
+
+def test_a_run_recorded_before_the_switch_resumes_as_the_dense_path():
+    """A version-1 config (before sparse_updates existed) migrates to sparse_updates=false: no resume diff."""
+    from amortized3d.config_version import migrate_config
+    from amortized3d.run_guard import compare_resume
+
+    recorded = {"generator": {"_target_": "amortized3d.generators.ingp.IngpGenerator", "num_particles": 1}}
+    assert migrate_config(recorded, 1).config["generator"]["sparse_updates"] is False
+    current = {"generator": {**recorded["generator"], "sparse_updates": False}}
+    meta = {"path": "old.ckpt", "config": recorded, "config_version": 1, "global_step": 0}
+    assert compare_resume(meta, current, None) == {"changed": {}, "forced": []}
