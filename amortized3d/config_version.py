@@ -16,6 +16,8 @@ touched, so a genuinely different experiment is still refused.
 * **Version 1**: the restructured layout: the world is its own node (``world``), the prior publishes
   ``scene_bound`` / ``capacity`` / ``score_model`` / ``recommended``, score models are ``_partial_``
   factories, the renderer's density follows the field kind (``auto``).
+* **Version 2**: the per-prompt iNGP has ``generator.sparse_updates`` (issue 15: O(batch) steps with a
+  lazy Adam); absent before, which is ``false``, the dense step every older run took.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import copy
 import importlib
 from typing import Any, Mapping, NamedTuple
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 # Version 0 named the analytic prior's world (prior.model.world) in a registry of one; its references
 # were rendered inside the fixed sphere of radius 1.0 (scenes/references.py REFERENCE_RENDERER then).
@@ -52,8 +54,15 @@ def migrate_config(config: Mapping[str, Any], version: int) -> Migrated:
     out = copy.deepcopy(dict(config))
     if version == 0:
         _v0_to_v1(out)
-        return Migrated(out, V0_UNRECORDED)
-    return Migrated(out, ())
+    if version <= 1:
+        _v1_to_v2(out)
+    return Migrated(out, V0_UNRECORDED if version == 0 else ())
+
+
+def _v1_to_v2(c: dict) -> None:
+    generator = _node(c, "generator")
+    if generator is not None and generator.get("_target_") == _INGP:
+        generator.setdefault("sparse_updates", False)  # the dense step and torch Adam, as every v1 run took
 
 
 def _node(config: dict, dotted: str) -> dict | None:
