@@ -94,9 +94,9 @@ class Conv3dGenerator(Generator):
                              persistent=False)
         self.bound, self.sdf_bias, self.sdf_bias_radius = float(bound), sdf_bias, sdf_bias_radius
 
-    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_latent(self, batch: int, rng: torch.Generator | None = None) -> Tensor:
         """A fresh z ~ N(0, I) per prompt, [batch, z_dim] (the system passes its step-keyed RNG)."""
-        return torch.randn(batch, self.z_dim, generator=generator).to(self.eval_z)
+        return torch.randn(batch, self.z_dim, generator=rng).to(self.eval_z)
 
     def evaluation_latent(self, particle: int | None = None) -> Tensor:
         """The fixed z [z_dim] of evaluation draw ``particle`` (default: ``eval_particle``); draw 0 is eval_z."""
