@@ -16,6 +16,10 @@ touched, so a genuinely different experiment is still refused.
 * **Version 1**: the restructured layout: the world is its own node (``world``), the prior publishes
   ``scene_bound`` / ``capacity`` / ``score_model`` / ``recommended``, score models are ``_partial_``
   factories, the renderer's density follows the field kind (``auto``).
+
+Keys added to the current layout without a new version (an option whose default is the old behaviour)
+get that default whatever the version (:func:`_added_keys`): ``generator.num_particles`` of 3DConv-net
+(1: evaluation uses eval_z alone, as before it existed).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ V0_WORLDS: dict[str, dict[str, Any]] = {
 # capacity), which are compared themselves.
 V0_UNRECORDED = ("prior.capacity", "prior.recommended", "prior.score_model")
 _INGP = "amortized3d.generators.ingp.IngpGenerator"
+_CONV3D = "amortized3d.generators.conv3d.Conv3dGenerator"
 _VOLUME_RENDERER = "amortized3d.rendering.VolumeRenderer"
 
 
@@ -52,8 +57,15 @@ def migrate_config(config: Mapping[str, Any], version: int) -> Migrated:
     out = copy.deepcopy(dict(config))
     if version == 0:
         _v0_to_v1(out)
-        return Migrated(out, V0_UNRECORDED)
-    return Migrated(out, ())
+    _added_keys(out)
+    return Migrated(out, V0_UNRECORDED if version == 0 else ())
+
+
+def _added_keys(c: dict) -> None:
+    """Options added within the current layout, at the value that reproduces a run recorded without them."""
+    generator = _node(c, "generator")
+    if generator is not None and generator.get("_target_") == _CONV3D:
+        generator.setdefault("num_particles", 1)  # z draws at evaluation: eval_z alone (issue 19 added more)
 
 
 def _node(config: dict, dotted: str) -> dict | None:
