@@ -17,7 +17,8 @@ touched, so a genuinely different experiment is still refused.
   ``scene_bound`` / ``capacity`` / ``score_model`` / ``recommended``, score models are ``_partial_``
   factories, the renderer's density follows the field kind (``auto``).
 * **Version 2**: the per-prompt iNGP has ``generator.sparse_updates`` (issue 15: O(batch) steps with a
-  lazy Adam); absent before, which is ``false``, the dense step every older run took.
+  lazy Adam; absent before, which is ``false``, the dense step every older run took) and 3DConv-net has
+  ``generator.num_particles`` (issue 19's z draws at evaluation; absent before, which is 1: eval_z alone).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ V0_WORLDS: dict[str, dict[str, Any]] = {
 # capacity), which are compared themselves.
 V0_UNRECORDED = ("prior.capacity", "prior.recommended", "prior.score_model")
 _INGP = "amortized3d.generators.ingp.IngpGenerator"
+_CONV3D = "amortized3d.generators.conv3d.Conv3dGenerator"
 _VOLUME_RENDERER = "amortized3d.rendering.VolumeRenderer"
 
 
@@ -63,6 +65,8 @@ def _v1_to_v2(c: dict) -> None:
     generator = _node(c, "generator")
     if generator is not None and generator.get("_target_") == _INGP:
         generator.setdefault("sparse_updates", False)  # the dense step and torch Adam, as every v1 run took
+    if generator is not None and generator.get("_target_") == _CONV3D:
+        generator.setdefault("num_particles", 1)  # z draws at evaluation: eval_z alone (issue 19 added more)
 
 
 def _node(config: dict, dotted: str) -> dict | None:
