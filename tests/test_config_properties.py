@@ -119,3 +119,20 @@ def test_paper_experiments_compose_to_the_pinned_settings(tmp_path, name):
         assert (cfg.generator.resolution, cfg.generator.channel_multiplier) == capacity
         assert cfg.generator.sdf_bias_radius == 0.8
     assert cfg.system.optimizer.lr == lr and cfg.guidance.guidance_scale == cfg_scale
+
+
+# The toy SD publishes its own VSD-family LoRA learning rate and SDI loss settings (configs/experiment/toy_sd.yaml,
+# measured in docs/results.md "3D through the toy SD"); every other SD run keeps App. F's 1e-4 and SDI's public code.
+TOY_SD_SCORE_LR = 1e-3
+
+
+@pytest.mark.parametrize("guidance", ["vsd", "lvsd", "l2vsd", "sdi"])
+def test_the_toy_sd_experiment_publishes_its_guidance_settings(tmp_path, guidance):
+    cfg = compose(tmp_path, tmp_path, "experiment=toy_sd", "prior.pretrained_model_name_or_path=/nowhere",
+                  f"guidance={guidance}", "data.num_train_prompts=15", tiny=False)
+    g = cfg.guidance
+    if guidance == "sdi":
+        assert (g.reduction, g.lambda_convexity) == SDI_CPU["analytic"]  # the same world's settings
+    else:
+        assert g.score_model._target_.endswith("LoRAScoreModel")
+        assert g.score_optimizer.lr == TOY_SD_SCORE_LR
