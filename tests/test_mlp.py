@@ -115,7 +115,7 @@ def test_chunked_mlp_under_autocast_runs_in_the_autocast_dtype():
 
 @pytest.mark.parametrize("kind", ["hyper", "ingp"])
 def test_fused_field_equals_the_previous_two_head_path(kind):
-    """Generators with fused_mlp=True (default) and False give the same field and gradients."""
+    """Generators with fused_mlp=True and False (the class default) give the same field and gradients."""
     torch.manual_seed(5)
     if kind == "hyper":
         gen = HyperIngpGenerator(text_dim=12, encoding=ENC, mlp_hidden=16).double()
@@ -123,7 +123,7 @@ def test_fused_field_equals_the_previous_two_head_path(kind):
     else:
         gen = IngpGenerator(4, encoding=ENC, mlp_hidden=16).double()
         args = (None, torch.tensor([2, 0, 3]))
-    assert not gen.fused_mlp  # off by default (see HyperIngpGenerator)
+    assert not gen.fused_mlp  # the class default; configs turn it on where measured
     with torch.no_grad():
         gen.encoding.table.normal_()
     x = torch.rand(3, 200, 3, dtype=torch.float64) * 2 - 1
@@ -173,7 +173,7 @@ def test_fused_mlp_training_equals_the_two_head_path_in_float64(tmp_path, cache_
     for fused in ("false", "true"):
         run = tmp_path / fused
         train(compose(run, cache_dir, "generator=hyper_ingp", "guidance=sds", "trainer.precision=64-true",
-                      "logger=none", "trainer.val_check_interval=100", f"+generator.fused_mlp={fused}"))
+                      "logger=none", "trainer.val_check_interval=100", f"generator.fused_mlp={fused}"))
         states.append(_float_state(run / "checkpoints" / "last.ckpt"))
     two_head, fused_state = states
     assert two_head.keys() == fused_state.keys() and any(v.dtype == torch.float64 for v in two_head.values())
