@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 import numpy as np
 
 from amortized3d.atomic import atomic_write
@@ -108,3 +109,21 @@ class ValidationMetrics(L.Callback):
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, described by the step budget runs are given in.
+
+    Runs stop at ``trainer.max_steps`` with ``max_epochs = -1``, for which the stock description reads
+    "Epoch 0/-2". Here: "Epoch 0 · 300 steps" (and "Epoch 0/2" when a run is budgeted in epochs).
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        description = f"Epoch {current_epoch}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            description += f"/{trainer.max_epochs - 1}"
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            description += f" · {trainer.max_steps} steps"
+        # as the stock bar: padded to the validation bar's description, so the two do not flicker
+        return f"{description:{len(self.validation_description)}}"

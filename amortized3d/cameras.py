@@ -143,11 +143,11 @@ def make_cameras(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, f
 
 
 def sample_cameras(n: int, height: int, ranges: CameraRanges = CameraRanges(),
-                   generator: torch.Generator | None = None, width: int | None = None) -> CameraBatch:
+                   rng: torch.Generator | None = None, width: int | None = None) -> CameraBatch:
     """``n`` cameras drawn uniformly from ``ranges`` (elevation uniform in angle)."""
     def uniform(lo_hi: tuple[float, float]) -> Tensor:
         lo, hi = lo_hi
-        return lo + (hi - lo) * torch.rand(n, generator=generator)
+        return lo + (hi - lo) * torch.rand(n, generator=rng)
 
     return make_cameras(uniform(ranges.elevation_deg), uniform(ranges.azimuth_deg),
                         uniform(ranges.distance), uniform(ranges.fovy_deg), height, width)

@@ -52,7 +52,7 @@ def validation_subset(prompts: Sequence[str], max_prompts: int | None, seed: int
     return [prompts[i] for i in keep]
 
 
-def step_generator(seed: int, step: int, rank: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
+def step_rng(seed: int, step: int, rank: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
     """Per-step, per-rank RNG for one named stream (cameras, noise, ...)."""
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, step, rank, stream))

@@ -72,7 +72,7 @@ class AmortizedModel(nn.Module):
 
     def render(self, prompts: Sequence[str], cameras: CameraBatch, *, background: Background | None = None,
                compute_normals: bool = False, regularizers: Sequence[str] = (),
-               generator: torch.Generator | None = None, bake: tuple[int, float] | None = None,
+               rng: torch.Generator | None = None, bake: tuple[int, float] | None = None,
                renderer: VolumeRenderer | None = None) -> RenderOutput:
         """Render ``len(cameras) // len(prompts)`` views of each prompt (prompt-major cameras).
 
@@ -86,7 +86,7 @@ class AmortizedModel(nn.Module):
             field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device)
         return (renderer or self.renderer)(field, cameras.to(self.device), background=background or self.eval_background,
                                            compute_normals=compute_normals, regularizers=regularizers,
-                                           generator=generator)
+                                           rng=rng)
 
     def renderable(self, prompts: Sequence[str]) -> list[str]:
         """The prompts this generator can render (per-prompt generators: only their training prompts)."""

@@ -94,7 +94,7 @@ class TimestepSampler:
         lo, hi = max(0, min(lo, T - 1)), max(0, min(hi, T - 1))
         return min(lo, hi), max(lo, hi)
 
-    def sample(self, n: int, step: int, generator: torch.Generator | None = None,
+    def sample(self, n: int, step: int, rng: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> torch.Tensor:
         lo, hi = self.range(step)
-        return torch.randint(lo, hi + 1, (n,), generator=generator).to(device)
+        return torch.randint(lo, hi + 1, (n,), generator=rng).to(device)

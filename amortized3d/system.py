@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.cameras import CameraBatch, CameraRanges, orbit_cameras, sample_cameras
-from amortized3d.data import step_generator
+from amortized3d.data import step_rng
 from amortized3d.divergence import DivergenceGuard, last_good_checkpoint, uncount_lightning_step
 from amortized3d.evaluation.shard import gather_results, shard_indices
 from amortized3d.generators.base import Generator
@@ -172,7 +172,7 @@ class AmortizedSystem(L.LightningModule):
             extras = {k: (v.detach() if v is not None else None) for k, v in extras.items()}
         return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
                              step=self.batch_index, text_emb=text_emb, extras=extras,
-                             generator=step_generator(self.seed, self.batch_index, self.global_rank, stream),
+                             rng=step_rng(self.seed, self.batch_index, self.global_rank, stream),
                              memo=self._render_memo)
 
     def _auxiliary_backward(self, loss: Tensor) -> None:
@@ -214,15 +214,15 @@ class AmortizedSystem(L.LightningModule):
         V = self.views_per_prompt
         prompts = [self.train_prompts[i] for i in ids.tolist() for _ in range(V)]
         cameras = sample_cameras(len(prompts), self.resolution, self.camera_ranges,
-                                 generator=step_generator(self.seed, self.batch_index, self.global_rank, "cameras"))
+                                 rng=step_rng(self.seed, self.batch_index, self.global_rank, "cameras"))
         cameras = cameras.to(self.device)
         text_emb = self.model.text_rows(ids)
         z = self.generator.sample_latent(  # fresh per step, keyed by it (exact resume); None if no latent
-            len(ids), step_generator(self.seed, self.batch_index, self.global_rank, "latent"))
+            len(ids), step_rng(self.seed, self.batch_index, self.global_rank, "latent"))
         field = self.generator(text_emb, ids, z=z)  # once per step: shared by all views and ray samples
         out = self.renderer(field, cameras, background=self.train_background, regularizers=self._active_regularizers(),
                             compute_normals=self.guidance.needs_normals,
-                            generator=step_generator(self.seed, self.batch_index, self.global_rank, "render"))
+                            rng=step_rng(self.seed, self.batch_index, self.global_rank, "render"))
         text_emb = text_emb.repeat_interleave(V, dim=0)
         self._render_memo = {"rgb": out.rgb}  # every guidance input of this step shares one encode
         self.guard.device = self.device

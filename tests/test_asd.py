@@ -33,9 +33,9 @@ def off_manifold_renders(prior: AnalyticPrior, n: int, seed: int = 1) -> torch.T
 
 
 def make_input(rgb: torch.Tensor, seed: int = 5, step: int = 0, prompt: str = "object 0") -> GuidanceInput:
-    cams = sample_cameras(rgb.shape[0], 8, generator=torch.Generator().manual_seed(3))
+    cams = sample_cameras(rgb.shape[0], 8, rng=torch.Generator().manual_seed(3))
     return GuidanceInput(rgb=rgb, cameras=cams, prompts=[prompt] * rgb.shape[0], step=step,
-                         generator=torch.Generator().manual_seed(seed))
+                         rng=torch.Generator().manual_seed(seed))
 
 
 def shifted(t: torch.Tensor, eta: float, lo: int) -> torch.Tensor:
@@ -141,7 +141,7 @@ def test_eq3_noise_prediction_error_is_lower_at_the_shifted_timestep():
     assert e_wide.mean() < e_fixed.mean() < e_rand.mean()
 
 
-def test_reproducible_from_the_step_generator():
+def test_reproducible_from_the_step_rng():
     prior = analytic_prior()
     rgb = off_manifold_renders(prior, 4)
     a = ASDGuidance(prior)(make_input(rgb, seed=3))

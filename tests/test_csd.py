@@ -21,9 +21,9 @@ def analytic_prior() -> AnalyticPrior:
 
 
 def make_input(rgb: torch.Tensor, prompts: list[str], seed: int = 7, step: int = 0) -> GuidanceInput:
-    cams = sample_cameras(rgb.shape[0], 8, generator=torch.Generator().manual_seed(3))
+    cams = sample_cameras(rgb.shape[0], 8, rng=torch.Generator().manual_seed(3))
     return GuidanceInput(rgb=rgb, cameras=cams, prompts=prompts, step=step,
-                         generator=torch.Generator().manual_seed(seed))
+                         rng=torch.Generator().manual_seed(seed))
 
 
 def render_gradient(guidance, inp: GuidanceInput) -> torch.Tensor:

@@ -19,9 +19,9 @@ def prior(tiny_sd):
 def test_csd_makes_one_unet_pass_and_matches_the_two_pass_direction(prior, negative_prompt):
     csd = CSDGuidance(prior, negative_prompt=negative_prompt)
     n = 3
-    cams = sample_cameras(n, 8, generator=torch.Generator().manual_seed(3))
+    cams = sample_cameras(n, 8, rng=torch.Generator().manual_seed(3))
     inp = GuidanceInput(rgb=torch.rand(n, 3, 8, 8), cameras=cams, prompts=["a red cube", "a blue ball", "a red cube"],
-                        step=0, generator=torch.Generator().manual_seed(7))
+                        step=0, rng=torch.Generator().manual_seed(7))
     x_t = torch.randn(n, *prior.latent_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([50, 500, 900])
     batches = []

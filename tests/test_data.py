@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from amortized3d.data import PromptStream, ShardLayout, derive_seed, step_generator
+from amortized3d.data import PromptStream, ShardLayout, derive_seed, step_rng
 
 
 @pytest.mark.parametrize("num_prompts,batch_size,world", [(24, 8, 1), (24, 8, 2), (30, 4, 4), (7, 3, 2), (5, 8, 3),
@@ -43,11 +43,11 @@ def test_stream_resumes_at_any_step():
     assert torch.equal(again["prompt_ids"], batches[5]["prompt_ids"])
 
 
-def test_step_generators_are_stable_and_independent():
-    a = torch.rand(4, generator=step_generator(0, 10, 0, "noise"))
-    assert torch.equal(a, torch.rand(4, generator=step_generator(0, 10, 0, "noise")))
-    for other in [step_generator(0, 11, 0, "noise"), step_generator(0, 10, 1, "noise"),
-                  step_generator(0, 10, 0, "cameras"), step_generator(1, 10, 0, "noise")]:
+def test_step_rngs_are_stable_and_independent():
+    a = torch.rand(4, generator=step_rng(0, 10, 0, "noise"))
+    assert torch.equal(a, torch.rand(4, generator=step_rng(0, 10, 0, "noise")))
+    for other in [step_rng(0, 11, 0, "noise"), step_rng(0, 10, 1, "noise"),
+                  step_rng(0, 10, 0, "cameras"), step_rng(1, 10, 0, "noise")]:
         assert not torch.equal(a, torch.rand(4, generator=other))
     assert derive_seed("x", 1) == derive_seed("x", 1) != derive_seed("x", 2)
 

@@ -89,12 +89,12 @@ def test_inversion_is_deterministic_without_noise_and_reproducible_with_it():
     prior = gaussian_prior()
     x0 = conditional_samples(prior, 5)
     cond = prior.text_condition(["a"] * 5)
-    a = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.0, generator=torch.Generator().manual_seed(1))
-    b = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.0, generator=torch.Generator().manual_seed(2))
+    a = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.0, rng=torch.Generator().manual_seed(1))
+    b = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.0, rng=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-    n1 = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.3, generator=torch.Generator().manual_seed(1))
-    n1b = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.3, generator=torch.Generator().manual_seed(1))
-    n2 = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.3, generator=torch.Generator().manual_seed(2))
+    n1 = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.3, rng=torch.Generator().manual_seed(1))
+    n1b = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.3, rng=torch.Generator().manual_seed(1))
+    n2 = ddim_invert(x0, prior, cond, 700, 7, -7.5, noise_scale=0.3, rng=torch.Generator().manual_seed(2))
     assert torch.equal(n1, n1b) and not torch.equal(n1, n2)
 
 

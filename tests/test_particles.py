@@ -30,7 +30,7 @@ def test_one_particles_gradient_does_not_move_another_particles_field():
     opt = torch.optim.Adam(gen.parameters(), lr=1e-2, betas=(0.0, 0.99), eps=1e-15)  # the system's optimizer
     ids, particles = torch.tensor([0, 2]), torch.tensor([1, 3])
     renderer = VolumeRenderer(num_samples=8, num_importance=0, bound_radius=1.0)
-    cams = sample_cameras(2, 8, CameraRanges(), generator=torch.Generator().manual_seed(0))
+    cams = sample_cameras(2, 8, CameraRanges(), rng=torch.Generator().manual_seed(0))
     for _ in range(2):  # twice: Adam's running state must not move the others either
         out = renderer(gen(None, ids, z=particles), cams)
         opt.zero_grad()

@@ -119,12 +119,12 @@ def test_asd_shifted_branch_is_the_plain_conditional_eps_with_perp_neg_on(tiny_s
     cams = cameras(6)  # no overhead view: every item has weighted negatives
     rgb = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     inp = GuidanceInput(rgb=rgb, cameras=cams, prompts=["a red cube"] * 6, step=0,
-                        generator=torch.Generator().manual_seed(5))
+                        rng=torch.Generator().manual_seed(5))
     loss = asd(inp).losses["asd"]
     with torch.no_grad():
         x0 = prior.encode(rgb)
         pair = asd.noisy_pair(x0, GuidanceInput(rgb=rgb, cameras=cams, prompts=inp.prompts, step=0,
-                                                generator=torch.Generator().manual_seed(5)))
+                                                rng=torch.Generator().manual_seed(5)))
         assert (pair.delta_t > 0).all()
         cond = asd.condition(inp)
         assert cond.negatives is not None

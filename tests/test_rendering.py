@@ -190,7 +190,7 @@ def test_gradients_reach_field_parameters() -> None:
     field = SphereField([R])
     renderer = VolumeRenderer(num_samples=24, num_importance=8).train()
     out = renderer(field, cameras([10.0], [30.0], size=16), compute_normals=True,
-                   regularizers=("eikonal", "sparsity", "opaque"), generator=torch.Generator().manual_seed(0))
+                   regularizers=("eikonal", "sparsity", "opaque"), rng=torch.Generator().manual_seed(0))
     loss = out.rgb.mean() + out.normal.mean() + sum(v.sum() for v in out.regularizers.values())
     loss.backward()
     for p in (field.radius, field.color):
@@ -208,7 +208,7 @@ def test_eval_deterministic_and_train_jitter_reproducible() -> None:
     renderer.train()
 
     def render(seed: int) -> Tensor:
-        return renderer(field, cams, generator=torch.Generator().manual_seed(seed)).depth
+        return renderer(field, cams, rng=torch.Generator().manual_seed(seed)).depth
 
     assert torch.equal(render(3), render(3))
     assert not torch.equal(render(3), render(4))
@@ -243,18 +243,18 @@ def test_chunked_render_matches_unchunked() -> None:
 
 def test_backgrounds() -> None:
     bg = RandomColorBackground(p=1.0, color=(0.0, 0.0, 0.0))
-    drawn = bg(6, 4, 5, generator=torch.Generator().manual_seed(0), training=True)
+    drawn = bg(6, 4, 5, rng=torch.Generator().manual_seed(0), training=True)
     assert drawn.shape == (6, 3, 4, 5) and (drawn.std(dim=(2, 3)) == 0).all()  # one colour per view
     assert drawn[:, :, 0, 0].std(dim=0).min() > 0  # ... different across views
-    assert torch.equal(drawn, bg(6, 4, 5, generator=torch.Generator().manual_seed(0), training=True))
+    assert torch.equal(drawn, bg(6, 4, 5, rng=torch.Generator().manual_seed(0), training=True))
     assert (bg(6, 4, 5, training=False) == 0).all()  # eval: always the solid colour
     assert (RandomColorBackground(p=0.0)(3, 2, 2, training=True) == 1).all()
-    half = RandomColorBackground(p=0.5)(4000, 1, 1, generator=torch.Generator().manual_seed(1), training=True)
+    half = RandomColorBackground(p=0.5)(4000, 1, 1, rng=torch.Generator().manual_seed(1), training=True)
     assert (half != 1).any(dim=1).float().mean().item() == pytest.approx(0.5, abs=0.04)
     # through the renderer: an empty field shows exactly the background, per view in training
     empty, cams = SphereField([-1.0, -1.0]), cameras([0.0, 0.0], [0.0, 90.0], size=4)
     renderer = VolumeRenderer(num_samples=8, num_importance=0)
-    out = renderer.train()(empty, cams, background=bg, generator=torch.Generator().manual_seed(5))
+    out = renderer.train()(empty, cams, background=bg, rng=torch.Generator().manual_seed(5))
     assert out.opacity.max() < 1e-6 and (out.rgb.std(dim=(2, 3)) < 1e-6).all()
     assert (out.rgb[:, :, 0, 0] - out.rgb[0, :, 0, 0]).abs().max() > 0  # views got different colours
     assert (renderer.eval()(empty, cams, background=bg).rgb.abs() < 1e-6).all()
@@ -332,7 +332,7 @@ def test_empty_space_skipping_matches_the_full_path(training: bool) -> None:
         renderer = VolumeRenderer(num_samples=32, num_importance=16, bound_radius=1.0,
                                   skip_empty_space=skip).train(training)
         out = renderer(field, cams, compute_normals=True, regularizers=("sparsity",),
-                       generator=torch.Generator().manual_seed(0))
+                       rng=torch.Generator().manual_seed(0))
         grads, color_grad = [], None
         for loss in (out.rgb.square().sum(), out.depth.sum(), out.normal.sum()):
             field.zero_grad()

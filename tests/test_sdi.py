@@ -29,9 +29,9 @@ def analytic_prior() -> AnalyticPrior:
 
 
 def make_input(rgb, prompt="a", step=0, seed=5, extras=None) -> GuidanceInput:
-    cams = sample_cameras(rgb.shape[0], 8, generator=torch.Generator().manual_seed(3))
+    cams = sample_cameras(rgb.shape[0], 8, rng=torch.Generator().manual_seed(3))
     return GuidanceInput(rgb=rgb, cameras=cams, prompts=[prompt] * rgb.shape[0], step=step,
-                         generator=torch.Generator().manual_seed(seed), extras=extras or {})
+                         rng=torch.Generator().manual_seed(seed), extras=extras or {})
 
 
 def test_t_decays_linearly_and_the_inversion_path_follows_the_thesis_grid():

@@ -25,12 +25,12 @@ def test_mean_reduction_is_the_public_mse_mean(tiny_sd):
     """Public: 0.5 * F.mse_loss(latents, target, reduction="mean") / B with B = 1; here per item."""
     prior = StableDiffusionPrior(str(tiny_sd), vae_resolution=32, local_files_only=True)
     rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    cams = sample_cameras(2, 16, generator=torch.Generator().manual_seed(1))
+    cams = sample_cameras(2, 16, rng=torch.Generator().manual_seed(1))
 
     def loss(reduction: str) -> torch.Tensor:
         sdi = SDIGuidance(prior, t_schedule=0.5, reduction=reduction)
         inp = GuidanceInput(rgb=rgb, cameras=cams, prompts=["a red cube"] * 2, step=0,
-                            generator=torch.Generator().manual_seed(3))
+                            rng=torch.Generator().manual_seed(3))
         return sdi(inp).losses["sdi"]
 
     total, mean = loss("sum"), loss("mean")
@@ -39,7 +39,7 @@ def test_mean_reduction_is_the_public_mse_mean(tiny_sd):
     # one item (the public code's batch 1) against torch's own mean-reduced mse
     sdi = SDIGuidance(prior, t_schedule=0.5, reduction="mean")
     one = GuidanceInput(rgb=rgb[:1], cameras=cams.index(slice(0, 1)), prompts=["a red cube"], step=0,
-                        generator=torch.Generator().manual_seed(3))
+                        rng=torch.Generator().manual_seed(3))
     got = sdi(one).losses["sdi"]
     with torch.no_grad():
         x0 = prior.encode(rgb[:1])

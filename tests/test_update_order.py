@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from amortized3d.cameras import sample_cameras
-from amortized3d.data import PromptDataModule, ShardLayout, step_generator
+from amortized3d.data import PromptDataModule, ShardLayout, step_rng
 from amortized3d.divergence import DivergenceGuard
 from amortized3d.guidance.base import GuidanceInput
 from amortized3d.optim import build_optimizer
@@ -52,13 +52,13 @@ def _plain_torch_run(cfg, steps: int = STEPS):
         ids, weights = layout.batch(step, 0)
         prompts = [system.train_prompts[i] for i in ids.tolist() for _ in range(V)]
         cameras = sample_cameras(len(prompts), system.resolution, system.camera_ranges,
-                                 generator=step_generator(seed, step, 0, "cameras"))
+                                 rng=step_rng(seed, step, 0, "cameras"))
         text_emb = system.text_table[ids]
-        z = system.generator.sample_latent(len(ids), step_generator(seed, step, 0, "latent"))
+        z = system.generator.sample_latent(len(ids), step_rng(seed, step, 0, "latent"))
         out = system.renderer(system.generator(text_emb, ids, z=z), cameras, background=system.train_background,
                               regularizers=system._active_regularizers(),
                               compute_normals=system.guidance.needs_normals,
-                              generator=step_generator(seed, step, 0, "render"))
+                              rng=step_rng(seed, step, 0, "render"))
         text_emb = text_emb.repeat_interleave(V, dim=0)
         memo = {"rgb": out.rgb}
 
@@ -69,7 +69,7 @@ def _plain_torch_run(cfg, steps: int = STEPS):
                 extras = {k: (v.detach() if v is not None else None) for k, v in extras.items()}
             return GuidanceInput(rgb=out.rgb.detach() if detach else out.rgb, cameras=cameras, prompts=prompts,
                                  step=step, text_emb=text_emb, extras=extras, memo=memo,
-                                 generator=step_generator(seed, step, 0, stream))
+                                 rng=step_rng(seed, step, 0, stream))
 
         def generator_step() -> None:
             system._apply_lr_scale(opt)
@@ -113,12 +113,12 @@ def _toy_reference(method: str, cfg: gaussian_2d.ToyConfig) -> dict:
     aux = guidance.auxiliary
     aux_opt = build_auxiliary_optimizer(guidance)
     n = cfg.num_particles
-    cameras = sample_cameras(n, 1, generator=torch.Generator().manual_seed(cfg.seed))
+    cameras = sample_cameras(n, 1, rng=torch.Generator().manual_seed(cfg.seed))
     text_emb = torch.zeros(n, 1, dtype=torch.float64)
 
     def inputs(x, step, stream, detach=False):
         return GuidanceInput(rgb=x.detach() if detach else x, cameras=cameras, prompts=[gaussian_2d.PROMPT] * n,
-                             step=step, generator=step_generator(cfg.seed, step, 0, stream), text_emb=text_emb)
+                             step=step, rng=step_rng(cfg.seed, step, 0, stream), text_emb=text_emb)
 
     def score_backward(x, step, i):
         loss = sum(v.mean() for v in aux.loss(inputs(x, step, f"aux{i}", detach=True)).losses.values())
@@ -126,7 +126,7 @@ def _toy_reference(method: str, cfg: gaussian_2d.ToyConfig) -> dict:
         loss.backward()
 
     for step in range(cfg.steps):
-        x = q.sample(n, step_generator(cfg.seed, step, 0, "particles"))
+        x = q.sample(n, step_rng(cfg.seed, step, 0, "particles"))
         if aux is not None and aux.order == "before":  # L-VSD: phi first
             for i in range(aux.steps):
                 score_backward(x, step, i)

@@ -48,14 +48,14 @@ def setup(kind: str, n: int = 3):
     t = torch.tensor([50, 400, 900][:n])
     x_t = prior.schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
     cond = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    camera = sample_cameras(n, 4, generator=g).embedding().double()
+    camera = sample_cameras(n, 4, rng=g).embedding().double()
     return prior, model, x0, x_t, t, cond, camera
 
 
 def make_input(x: torch.Tensor, n: int, seed: int = 0, step: int = 0) -> GuidanceInput:
-    cams = sample_cameras(n, 4, generator=torch.Generator().manual_seed(9))
+    cams = sample_cameras(n, 4, rng=torch.Generator().manual_seed(9))
     return GuidanceInput(rgb=x, cameras=cams, prompts=["p"] * n, step=step,
-                         generator=torch.Generator().manual_seed(seed), text_emb=torch.zeros(n, 5, dtype=x.dtype))
+                         rng=torch.Generator().manual_seed(seed), text_emb=torch.zeros(n, 5, dtype=x.dtype))
 
 
 # --- L²-VSD: the linearized lookahead ---------------------------------------------------------------
@@ -358,8 +358,8 @@ def test_l2vsd_single_render_is_eq_12_on_the_closed_form_gaussian():
     # Replay the step's draws: (t, eps) of the distillation, then (t', eps') of the lookahead.
     inp = make_input(x0, 1, seed=5)
     t, _, x_t = guidance.sample_noisy(x0, inp)
-    t2 = torch.randint(0, 1000, (1,), generator=inp.generator)
-    noise2 = torch.randn(x0.shape, generator=inp.generator, dtype=x0.dtype)
+    t2 = torch.randint(0, 1000, (1,), generator=inp.rng)
+    noise2 = torch.randn(x0.shape, generator=inp.rng, dtype=x0.dtype)
     x_t2 = prior.schedule.add_noise(x0, noise2, t2)
     with torch.no_grad():
         residual = model.predict_noise(x_t2, t2) - noise2  # eps_phi(x_t') - eps'  [1, D]

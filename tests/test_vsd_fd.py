@@ -22,7 +22,7 @@ def _problem(tiny_sd, dtype: str):
             if "lora_B" in name:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     x0 = torch.randn(2, 4, 16, 16, generator=g)
-    camera = sample_cameras(2, 16, generator=g).embedding()
+    camera = sample_cameras(2, 16, rng=g).embedding()
     cond = model.text_condition(None, ["a red cube", "a blue ball"], prior)
     tangent = guidance.lookahead_tangent(x0, cond, camera, torch.Generator().manual_seed(7))
     t = torch.tensor([100, 700])

@@ -39,7 +39,7 @@ class Generator(nn.Module):
     supports_unseen_prompts: bool = True
     latent_dim: int = 0  # > 0: forward takes a z [B, latent_dim], drawn per step by sample_latent
 
-    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> Tensor | None:
+    def sample_latent(self, batch: int, rng: torch.Generator | None = None) -> Tensor | None:
         """A fresh latent per prompt for one training step (None: the generator has no latent).
 
         The system passes its step-keyed RNG, so a resumed run draws the same z; without a z

@@ -79,9 +79,9 @@ class Conv3dGenerator(Generator):
         self.register_buffer("eval_z", torch.randn(z_dim, generator=g))
         self.bound, self.sdf_bias, self.sdf_bias_radius = float(bound), sdf_bias, sdf_bias_radius
 
-    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_latent(self, batch: int, rng: torch.Generator | None = None) -> Tensor:
         """A fresh z ~ N(0, I) per prompt, [batch, z_dim] (the system passes its step-keyed RNG)."""
-        return torch.randn(batch, self.z_dim, generator=generator).to(self.eval_z)
+        return torch.randn(batch, self.z_dim, generator=rng).to(self.eval_z)
 
     def generate_volume(self, text_emb: Tensor, z: Tensor | None = None) -> Tensor:
         """text [B,E] (+ z [B,z_dim]) -> feature volume [B, channels, R, R, R]."""

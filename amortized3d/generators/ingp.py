@@ -136,12 +136,12 @@ class IngpGenerator(Generator):
         # a process chaotic in rounding (docs/results.md, "Render fast path on by default").
         self.fused_mlp = bool(fused_mlp)
 
-    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> Tensor | None:
+    def sample_latent(self, batch: int, rng: torch.Generator | None = None) -> Tensor | None:
         """Which particle each of ``batch`` prompts renders this step (uniform, Alg. 1 line 3); None for
         n = 1, where nothing is drawn, so one-particle runs consume the RNG exactly as before."""
         if self.num_particles == 1:
             return None
-        return torch.randint(self.num_particles, (batch,), generator=generator)
+        return torch.randint(self.num_particles, (batch,), generator=rng)
 
     def forward(self, text_emb: Tensor | None, prompt_ids: Tensor, z: Tensor | None = None) -> HashGridField:
         ids = prompt_ids.long()

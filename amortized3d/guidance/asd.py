@@ -61,18 +61,18 @@ class ASDGuidance(Guidance):
         self.shifted_guidance_scale = float(shifted_guidance_scale)
         self.delta_t_mode = delta_t_mode
 
-    def sample_delta_t(self, t: Tensor, step: int, generator: torch.Generator | None) -> Tensor:
+    def sample_delta_t(self, t: Tensor, step: int, rng: torch.Generator | None) -> Tensor:
         """dt [N] long: U[0, eta (t - t_min)] (random) or eta (t - t_min) (fixed), floored."""
         lo, _ = self.timesteps.range(step)
         span = self.eta(step) * (t - lo).clamp(min=0).double()
         if self.delta_t_mode == "random":
-            span = span * torch.rand(t.shape, generator=generator, dtype=torch.float64).to(t.device)
+            span = span * torch.rand(t.shape, generator=rng, dtype=torch.float64).to(t.device)
         return span.floor().long()
 
     def noisy_pair(self, x0: Tensor, inp: GuidanceInput) -> ASDNoisyPair:
         """Draw t, the shared noise and dt (in that order from ``inp.generator``) and diffuse x0 twice."""
         t, noise, x_t = self.sample_noisy(x0, inp)
-        dt = self.sample_delta_t(t, inp.step, inp.generator)
+        dt = self.sample_delta_t(t, inp.step, inp.rng)
         t_plus = (t + dt).clamp(max=self.prior.num_train_timesteps - 1)
         return ASDNoisyPair(t, t_plus, noise, x_t, self.prior.schedule.add_noise(x0, noise, t_plus))
 

@@ -26,7 +26,7 @@ class GuidanceInput:
     cameras: CameraBatch  # N cameras
     prompts: Sequence[str]  # N prompts (repeated per view)
     step: int  # global training step (drives schedules)
-    generator: torch.Generator | None = None  # per-step RNG: reproducible and resumable
+    rng: torch.Generator | None = None  # per-step RNG: reproducible and resumable
     text_emb: Tensor | None = None  # [N,E] prompt embeddings (score models condition on them)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. normals for SDI's convexity loss
     # Shared by every input the system builds from one step's renders (the guidance, its auxiliary
@@ -107,8 +107,8 @@ class Guidance(nn.Module):
 
     def sample_noisy(self, x0: Tensor, inp: GuidanceInput) -> tuple[Tensor, Tensor, Tensor]:
         """(t [N], noise, x_t) with the annealed timestep range at this step."""
-        t = self.timesteps.sample(x0.shape[0], inp.step, inp.generator, x0.device)
-        noise = torch.randn(x0.shape, generator=inp.generator, dtype=x0.dtype).to(x0.device)
+        t = self.timesteps.sample(x0.shape[0], inp.step, inp.rng, x0.device)
+        noise = torch.randn(x0.shape, generator=inp.rng, dtype=x0.dtype).to(x0.device)
         return t, noise, self.prior.schedule.add_noise(x0, noise, t)
 
     def encode(self, inp: GuidanceInput) -> Tensor:

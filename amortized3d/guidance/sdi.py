@@ -100,7 +100,7 @@ class SDIGuidance(Guidance):
         """The annealed t at ``step`` for all n items (no randomness)."""
         return torch.full((n,), self.timesteps.range(step)[0], dtype=torch.long, device=device)
 
-    def inversion_path(self, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def inversion_path(self, t: Tensor, rng: torch.Generator | None = None) -> Tensor:
         """[K+1, N] path: grid k*T//n below t (left-padded with 0), then the jump to t + tau."""
         T = self.prior.num_train_timesteps
         stride = max(T // self.inversion_steps, 1)
@@ -108,25 +108,25 @@ class SDIGuidance(Guidance):
         k_max = int(n_grid.max())
         k = torch.arange(k_max, device=t.device)[:, None]
         grid = ((k - (k_max - n_grid)[None, :]).clamp(min=0) * stride)
-        tau = (torch.rand(t.shape, generator=generator, dtype=torch.float64) * self.tau_max * T).floor().long()
+        tau = (torch.rand(t.shape, generator=rng, dtype=torch.float64) * self.tau_max * T).floor().long()
         t_end = (t + tau.to(t.device)).clamp(max=T - 1)
         return torch.cat([grid, t_end[None, :]], dim=0)
 
     @torch.no_grad()
-    def infer_noise(self, x0: Tensor, t: Tensor, cond: Any, generator: torch.Generator | None = None
+    def infer_noise(self, x0: Tensor, t: Tensor, cond: Any, rng: torch.Generator | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
         """(kappa, x at t + tau, t + tau): the noise DDIM inversion attributes to ``x0``."""
-        path = self.inversion_path(t, generator)
+        path = self.inversion_path(t, rng)
         x_end = ddim_invert_path(x0, self.prior, cond, path, self.inversion_guidance_scale,
-                                 self.inversion_noise, generator)
+                                 self.inversion_noise, rng)
         t_end = path[-1]
         return self.prior.schedule.eps_from_x0(x_end, x0, t_end), x_end, t_end
 
     @torch.no_grad()
-    def target(self, x0: Tensor, t: Tensor, cond: Any, generator: torch.Generator | None = None
+    def target(self, x0: Tensor, t: Tensor, cond: Any, rng: torch.Generator | None = None
                ) -> tuple[Tensor, dict[str, Tensor]]:
         """The DDIM x0 prediction that the render is pulled towards, plus diagnostics."""
-        kappa, x_end, t_end = self.infer_noise(x0, t, cond, generator)
+        kappa, x_end, t_end = self.infer_noise(x0, t, cond, rng)
         x_t = self.prior.schedule.add_noise(x0, kappa, t) if self.renoise else x_end
         eps = self.prior.predict_noise(x_t, t, cond, self.guidance_scale)
         target = self.prior.schedule.x0_from_eps(x_t, eps, t)
@@ -136,7 +136,7 @@ class SDIGuidance(Guidance):
     def forward(self, inp: GuidanceInput) -> GuidanceOutput:
         x0 = self.prior.encode(inp.rgb)
         t = self.timestep(x0.shape[0], inp.step, x0.device)
-        target, logs = self.target(x0.detach(), t, self.condition(inp), inp.generator)
+        target, logs = self.target(x0.detach(), t, self.condition(inp), inp.rng)
         grad = (x0.detach() - target).to(x0.dtype)
         loss = distillation_loss(x0, grad)
         if self.reduction == "mean":  # public code: mean over the item's elements

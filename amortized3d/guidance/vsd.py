@@ -163,7 +163,7 @@ class VSDGuidance(Guidance):
         """Denoising loss of the score model on the detached renders (Eq. 6), t ~ U[0, T)."""
         x0 = self.encode(inp).detach()  # shared with forward: one VAE pass per step
         cond, camera = self.score_condition(inp, x0)
-        loss = self.score_model.loss(x0, cond, camera, inp.generator)
+        loss = self.score_model.loss(x0, cond, camera, inp.rng)
         return GuidanceOutput({"score": loss}, {})
 
     def _reuses_score_gradient(self) -> bool:
@@ -259,14 +259,14 @@ class L2VSDGuidance(VSDGuidance):
         return self.reuse_score_gradient
 
     def lookahead_tangent(self, x0: Tensor, cond: Tensor | None, camera: Tensor | None,
-                          generator: torch.Generator | None) -> dict[str, Tensor]:
+                          rng: torch.Generator | None) -> dict[str, Tensor]:
         """v = -eta * grad_phi sum_n l_n(phi; x_t'^n, t'^n) at a fresh (t', eps') draw (Eq. 7, summed
         over the renders, see the class docstring). ``torch.autograd.grad`` leaves ``.grad``
         untouched. Used when no gradient was handed over (standalone use of the guidance)."""
         params = self.score_model.trainable_parameters()
         names = self._tangent_names()
         with torch.enable_grad():
-            loss = self.score_model.loss(x0.detach(), cond, camera, generator).sum()
+            loss = self.score_model.loss(x0.detach(), cond, camera, rng).sum()
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         return self.tangent_from_gradient({n: g for n, g in zip(names, grads) if g is not None})
 
@@ -293,7 +293,7 @@ class L2VSDGuidance(VSDGuidance):
         if handed is not None:  # items: all ranks' renders under DDP
             tangent = self.tangent_from_gradient(handed.gradients, num_items=handed.items)
         else:
-            tangent = self.lookahead_tangent(x0, cond, camera, inp.generator)
+            tangent = self.lookahead_tangent(x0, cond, camera, inp.rng)
         # Both methods return eps_phi(x_t) too: the finite difference costs one forward more than VSD.
         return linearized_shift(self.score_model, tangent, x_t, t, cond, camera, method=self.jvp,
                                 relative_step=self.fd_relative_step)

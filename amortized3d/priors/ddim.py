@@ -79,12 +79,12 @@ def _check_path(path: Tensor, n: int, num_train_timesteps: int) -> Tensor:
 
 @torch.no_grad()
 def ddim_invert_path(x0: Tensor, prior: Prior, cond: Any, path: Tensor, guidance_scale: float,
-                     noise_scale: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+                     noise_scale: float = 0.0, rng: torch.Generator | None = None) -> Tensor:
     """Integrate DDIM from ``x0`` (level path[0]) up the non-decreasing ``path``; returns x at path[-1].
 
     eps is predicted at the lower end of each step with CFG ``guidance_scale`` (diffusers
     convention; SDI inverts with -7.5). ``noise_scale`` > 0 adds noise_scale * sigma(lo, hi) * z
-    after each step (SDI's entropy term), drawn from ``generator``.
+    after each step (SDI's entropy term), drawn from ``rng``.
     """
     path = _check_path(path, x0.shape[0], prior.num_train_timesteps).to(x0.device)
     if (path[1:] < path[:-1]).any():
@@ -96,7 +96,7 @@ def ddim_invert_path(x0: Tensor, prior: Prior, cond: Any, path: Tensor, guidance
         eps = prior.predict_noise(x, lo.clamp(min=0), cond, guidance_scale)
         x = ddim_step(x, eps, lo, hi, prior.schedule)
         if noise_scale > 0:
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            z = torch.randn(x.shape, generator=rng, dtype=x.dtype).to(x.device)
             x = x + noise_scale * ddim_sigma(prior.schedule, lo, hi, x) * z
     return x
 
@@ -120,10 +120,10 @@ def ddim_sample_path(x_t: Tensor, prior: Prior, cond: Any, path: Tensor, guidanc
 
 def ddim_invert(x0: Tensor, prior: Prior, cond: Any, t_end: Tensor | int, num_steps: int,
                 guidance_scale: float, noise_scale: float = 0.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                rng: torch.Generator | None = None) -> Tensor:
     """DDIM inversion of ``x0`` (as level 0) to ``t_end`` ([N] or int) in ``num_steps`` uniform steps."""
     path = uniform_path(t_end, num_steps, x0.shape[0], x0.device)
-    return ddim_invert_path(x0, prior, cond, path, guidance_scale, noise_scale, generator)
+    return ddim_invert_path(x0, prior, cond, path, guidance_scale, noise_scale, rng)
 
 
 def ddim_sample(x_t: Tensor, prior: Prior, cond: Any, t_start: Tensor | int, num_steps: int,

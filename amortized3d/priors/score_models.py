@@ -7,7 +7,7 @@ the L²-VSD paper). This module holds that model behind one small interface:
 - ``predict_noise`` (= ``forward``, so ``torch.func.functional_call`` returns eps) converts a
   v-prediction to eps through the shared noise schedule;
 - ``loss`` is the per-item denoising loss with t ~ U[0, T) and the camera dropped 10% of the
-  time (ProlificDreamer's public code), all randomness from a caller-supplied generator;
+  time (ProlificDreamer's public code), all randomness from a caller-supplied torch.Generator (``rng``);
 - ``trainable_parameters`` / ``last_layer_names`` address parameters by name, which L²-VSD
   needs for its forward-mode product (``torch.func.jvp``) and last-layer approximation (§4.2).
 
@@ -100,13 +100,13 @@ class ScoreModel(nn.Module, abc.ABC):
         return (self.model_output(x_t, t, cond, camera) - target).pow(2).flatten(1).mean(dim=1)
 
     def loss(self, x0: Tensor, cond: Tensor | None, camera: Tensor | None,
-             generator: torch.Generator | None = None) -> Tensor:
-        """Denoising loss with t ~ U[0, T), fresh noise and camera dropout drawn from ``generator``."""
+             rng: torch.Generator | None = None) -> Tensor:
+        """Denoising loss with t ~ U[0, T), fresh noise and camera dropout drawn from ``rng``."""
         n = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=rng).to(x0.device)
+        noise = torch.randn(x0.shape, generator=rng, dtype=x0.dtype).to(x0.device)
         if camera is not None and self.camera_dropout > 0:
-            keep = torch.rand(n, generator=generator) >= self.camera_dropout
+            keep = torch.rand(n, generator=rng) >= self.camera_dropout
             camera = camera * keep.to(camera.device, camera.dtype)[:, None]
         return self.denoising_loss(x0, t, noise, cond, camera)
 

@@ -20,7 +20,7 @@ class Background(nn.Module, ABC):
     """``background(n, height, width, *, generator, training) -> [n,3,H,W]`` colours in [0,1]."""
 
     @abstractmethod
-    def forward(self, n: int, height: int, width: int, *, generator: torch.Generator | None = None,
+    def forward(self, n: int, height: int, width: int, *, rng: torch.Generator | None = None,
                 training: bool = False) -> Tensor:
         """Colours for ``n`` views; ``training`` selects the randomised training behaviour."""
 
@@ -37,7 +37,7 @@ class SolidBackground(Background):
         # Non-persistent: a fixed colour is configuration, not checkpoint state.
         self.register_buffer("color", torch.tensor([float(c) for c in color]), persistent=False)
 
-    def forward(self, n: int, height: int, width: int, *, generator: torch.Generator | None = None,
+    def forward(self, n: int, height: int, width: int, *, rng: torch.Generator | None = None,
                 training: bool = False) -> Tensor:
         return self.color[None, :, None, None].expand(n, 3, height, width)
 
@@ -51,14 +51,14 @@ class RandomColorBackground(SolidBackground):
             raise ValueError(f"p must lie in [0, 1], got {p}")
         self.p = float(p)
 
-    def forward(self, n: int, height: int, width: int, *, generator: torch.Generator | None = None,
+    def forward(self, n: int, height: int, width: int, *, rng: torch.Generator | None = None,
                 training: bool = False) -> Tensor:
         solid = self.color[None, :].expand(n, 3)
         if not training or self.p == 0.0:
             return solid[:, :, None, None].expand(n, 3, height, width)
         dev, dt = self.color.device, self.color.dtype
-        pick = uniform((n, 1), generator=generator, device=dev, dtype=dt) < self.p
-        random_color = uniform((n, 3), generator=generator, device=dev, dtype=dt)
+        pick = uniform((n, 1), rng=rng, device=dev, dtype=dt) < self.p
+        random_color = uniform((n, 3), rng=rng, device=dev, dtype=dt)
         colors = torch.where(pick, random_color, solid)
         return colors[:, :, None, None].expand(n, 3, height, width)
 

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def uniform(shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device,
+def uniform(shape: tuple[int, ...], *, rng: torch.Generator | None, device: torch.device,
             dtype: torch.dtype) -> Tensor:
-    """U[0,1) draws of ``shape`` from ``generator`` (global RNG when None), on ``device``."""
-    source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
+    """U[0,1) draws of ``shape`` from ``rng`` (global RNG when None), on ``device``."""
+    source = rng.device if rng is not None else device
+    return torch.rand(shape, generator=rng, device=source, dtype=dtype).to(device)
 
 
 def stratified_samples(batch_shape: tuple[int, ...], num_samples: int, near: float | Tensor, far: float | Tensor, *,
-                       jitter: bool, generator: torch.Generator | None = None,
+                       jitter: bool, rng: torch.Generator | None = None,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """One sample per equal bin of [near, far], sorted, shape ``batch_shape + (num_samples,)``.
 
@@ -32,7 +32,7 @@ def stratified_samples(batch_shape: tuple[int, ...], num_samples: int, near: flo
     lower = near + width * torch.arange(num_samples, device=device, dtype=dtype)
     shape = (*batch_shape, num_samples)
     if jitter:
-        offset = uniform(shape, generator=generator, device=device, dtype=dtype)
+        offset = uniform(shape, rng=rng, device=device, dtype=dtype)
     else:
         offset = torch.full(shape, 0.5, device=device, dtype=dtype)
     return lower + width * offset
@@ -51,7 +51,7 @@ def blur_weights(weights: Tensor) -> Tensor:
 
 
 def sample_pdf(bins: Tensor, weights: Tensor, num_samples: int, *, deterministic: bool,
-               generator: torch.Generator | None = None, blur: bool = True,
+               rng: torch.Generator | None = None, blur: bool = True,
                padding: float = 1e-5) -> Tensor:
     """Inverse-CDF samples from the piecewise-constant pdf ``weights`` [..., S] on ``bins`` [..., S+1].
 
@@ -69,7 +69,7 @@ def sample_pdf(bins: Tensor, weights: Tensor, num_samples: int, *, deterministic
         u = (torch.arange(num_samples, device=cdf.device, dtype=cdf.dtype) + 0.5) / num_samples
         u = u.expand(shape).contiguous()
     else:
-        u = uniform(shape, generator=generator, device=cdf.device, dtype=cdf.dtype)
+        u = uniform(shape, rng=rng, device=cdf.device, dtype=cdf.dtype)
     cdf = cdf.contiguous()
     idx = torch.searchsorted(cdf, u, right=True)
     last = cdf.shape[-1] - 1

@@ -129,7 +129,7 @@ class VolumeRenderer(nn.Module):
 
     def forward(self, field: Field, cameras: CameraBatch, background: Background | None = None,
                 compute_normals: bool = False, regularizers: Sequence[str] = (),
-                generator: torch.Generator | None = None) -> RenderOutput:
+                rng: torch.Generator | None = None) -> RenderOutput:
         """Render ``len(cameras) = B * V`` prompt-major views of ``field`` (B fields).
 
         ``chunk_rays`` (if set) bounds the rays (summed over the B fields) per query call.
@@ -148,7 +148,7 @@ class VolumeRenderer(nn.Module):
 
         chunk = rays if self.chunk_rays is None else max(1, self.chunk_rays // b)
         parts = [self._render_rays(field, origins[:, s:s + chunk], directions[:, s:s + chunk],
-                                   with_gradient, compute_normals, generator, skip="eikonal" not in names)
+                                   with_gradient, compute_normals, rng, skip="eikonal" not in names)
                  for s in range(0, rays, chunk)]
 
         def image(key: str) -> Tensor:  # [B,R,C] or [B,R] chunks -> [N,C,H,W]
@@ -159,7 +159,7 @@ class VolumeRenderer(nn.Module):
         opacity = image("opacity")
         if background is None:
             background = SolidBackground().to(opacity.device)
-        bg = background(n, h, w, generator=generator, training=self.training).to(opacity)
+        bg = background(n, h, w, rng=rng, training=self.training).to(opacity)
         rgb = image("color") + (1.0 - opacity) * bg
         normal = image("normal") if compute_normals else None
 
@@ -178,7 +178,7 @@ class VolumeRenderer(nn.Module):
         self.density_for(field)
 
     def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor, far: Tensor,
-                  generator: torch.Generator | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+                  rng: torch.Generator | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Importance samples [B,R,num_importance] from the stratified proposal ``t``, and the
         proposal's (optical depth, transmittance, density [B,R,S], albedo [B,R,S,3]) for
         :meth:`_occupied` and the stand-ins of skipped samples.
@@ -194,7 +194,7 @@ class VolumeRenderer(nn.Module):
             weights, transmittance = composite_weights(sigma, t, far)
             bins = torch.cat([t, far.expand_as(t[..., :1])], dim=-1)
             t_fine = sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
-                                generator=generator)
+                                rng=rng)
             proposal = (sigma * sample_deltas(t, far), transmittance, sigma, albedo.to(t.dtype).reshape(b, r, s, 3))
             return t_fine, proposal
 
@@ -221,16 +221,16 @@ class VolumeRenderer(nn.Module):
         return torch.gather(keep, -1, j), j
 
     def _render_rays(self, field: Field, origins: Tensor, directions: Tensor, with_gradient: bool,
-                     compute_normals: bool, generator: torch.Generator | None,
+                     compute_normals: bool, rng: torch.Generator | None,
                      skip: bool = True) -> _RayResults:
         b, r, _ = origins.shape
         near, far = self.ray_bounds(origins, directions)
         t = stratified_samples((b, r), self.num_samples, near, far, jitter=self.training,
-                               generator=generator, device=origins.device, dtype=origins.dtype)
+                               rng=rng, device=origins.device, dtype=origins.dtype)
         keep = None
         if self.num_importance > 0:
             t_fine, (tau, transmittance, sigma_c, albedo_c) = self._proposal(field, origins, directions, t, far,
-                                                                             generator)
+                                                                             rng)
             t_sorted = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
             # The eikonal term is a mean over all samples, empty space included: no skipping then.
             if self.skip_empty_space and skip:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from amortized3d.cameras import sample_cameras
-from amortized3d.data import step_generator
+from amortized3d.data import step_rng
 from amortized3d.divergence import DivergenceGuard
 from amortized3d.guidance.base import Guidance, GuidanceInput
 from amortized3d.guidance.sds import SDSGuidance
@@ -74,8 +74,8 @@ class GaussianParticles(nn.Module):
     def covariance(self) -> Tensor:
         return self.factor @ self.factor.T
 
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        c = torch.randn(n, self.mean.shape[0], generator=generator, dtype=self.mean.dtype)
+    def sample(self, n: int, rng: torch.Generator) -> Tensor:
+        c = torch.randn(n, self.mean.shape[0], generator=rng, dtype=self.mean.dtype)
         return self.mean + c @ self.factor.T
 
 
@@ -162,20 +162,20 @@ def _run(method: str, cfg: ToyConfig, log_every: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     executor = UpdateOrderExecutor(guidance, opt, build_auxiliary_optimizer(guidance), DivergenceGuard())
     n = cfg.num_particles
-    cameras = sample_cameras(n, 1, generator=torch.Generator().manual_seed(cfg.seed))  # ignored by r
+    cameras = sample_cameras(n, 1, rng=torch.Generator().manual_seed(cfg.seed))  # ignored by r
     text_emb = torch.zeros(n, 1, dtype=torch.float64)
     trajectory = []
 
     def inputs(x: Tensor, step: int, stream: str, detach: bool = False) -> GuidanceInput:
         return GuidanceInput(rgb=x.detach() if detach else x, cameras=cameras, prompts=[PROMPT] * n, step=step,
-                             generator=step_generator(cfg.seed, step, 0, stream), text_emb=text_emb)
+                             rng=step_rng(cfg.seed, step, 0, stream), text_emb=text_emb)
 
     def generator_step() -> None:
         opt.step()
         sched.step()
 
     for step in range(cfg.steps):
-        x = q.sample(n, step_generator(cfg.seed, step, 0, "particles"))
+        x = q.sample(n, step_rng(cfg.seed, step, 0, "particles"))
         executor.step(StepParts(inputs=lambda stream, detach, x=x, step=step: inputs(x, step, stream, detach),
                                 reduce=_mean_of_items, backward=Tensor.backward, generator_step=generator_step,
                                 items=n))
