@@ -167,8 +167,8 @@ def _float_state(ckpt_path) -> dict[str, torch.Tensor]:
 def test_fused_mlp_training_equals_the_two_head_path_in_float64(tmp_path, cache_dir):
     """The whole training loop (init, RNG draws, parameter groups, Adam, gradient path), same seed,
     3 optimizer steps in float64: fused_mlp changes nothing but summation order. (In fp32 the two
-    runs then drift apart exactly as one run does from a 1e-7 perturbation of its weights: the
-    quickstart is chaotic in rounding, docs/results.md "fused-MLP and skipping defaults".)"""
+    runs then drift apart at the rate one run does from a 1e-7 perturbation of its weights: the
+    quickstart is chaotic in rounding, docs/results.md session 8.)"""
     states = []
     for fused in ("false", "true"):
         run = tmp_path / fused

@@ -88,7 +88,7 @@ class HyperIngpGenerator(Generator):
         # equal to the two-head path in float64, also over whole training runs: tests/test_mlp.py).
         # False here; the configs turn it on where quality over seeds was measured
         # (configs/prior_generator/analytic_hyper_ingp.yaml). In fp32 either path's run is one draw of
-        # a process chaotic in rounding (docs/results.md, "Render fast path on by default").
+        # a process chaotic in rounding (docs/results.md, session 8).
         self.fused_mlp = bool(fused_mlp)
 
     def generate_weights(self, text_emb: Tensor) -> Tensor:
