@@ -61,29 +61,30 @@ def bench_retrieval(sizes: Sequence[int] = (15, 1000, 10_000, 100_000), views: i
 
     The index build (once per evaluation) is reported separately; results are checked identical.
     """
-    rows = []
-    for n in sizes:
-        g = torch.Generator().manual_seed(derive_seed("bench-retrieval", n))
-        texts = torch.randn(n, dim, generator=g)
-        own = torch.randint(0, n, (prompts_per_round,), generator=g)
-        queries = [texts[o] + 5.0 * torch.randn(views, dim, generator=g) for o in own]  # ~half the views miss
-        owns = [torch.full((views,), int(o)) for o in own]
-        t0 = time.perf_counter()
-        index = CandidateIndex(texts)
-        build = time.perf_counter() - t0
-        old = [retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)]
-        new = [retrieve(q, index, o).best for q, o in zip(queries, owns)]
-        identical = all(torch.equal(a, b) for a, b in zip(old, new))
-        secs = time_interleaved({
-            "old": lambda: [retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)],
-            "new": lambda: [retrieve(q, index, o) for q, o in zip(queries, owns)],
-        }, rounds)
-        old_s, new_s = secs["old"] / prompts_per_round, secs["new"] / prompts_per_round
-        rows.append({"benchmark": "R@1 per prompt", "variant": f"N={n}, {views} views, D={dim}",
-                     "old_s_per_prompt": old_s, "new_s_per_prompt": new_s, "speedup": old_s / new_s,
-                     "index_build_s": build, "identical": identical})
-        del texts, index
-    return rows
+    return [_retrieval_row(n, views, dim, rounds, prompts_per_round) for n in sizes]
+
+
+def _retrieval_row(n: int, views: int, dim: int, rounds: int, prompts_per_round: int) -> dict:
+    # One size per call: its candidates and index are freed on return, before the next (larger) size.
+    g = torch.Generator().manual_seed(derive_seed("bench-retrieval", n))
+    texts = torch.randn(n, dim, generator=g)
+    own = torch.randint(0, n, (prompts_per_round,), generator=g)
+    queries = [texts[o] + 5.0 * torch.randn(views, dim, generator=g) for o in own]  # ~half the views miss
+    owns = [torch.full((views,), int(o)) for o in own]
+    t0 = time.perf_counter()
+    index = CandidateIndex(texts)
+    build = time.perf_counter() - t0
+    old = [retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)]
+    new = [retrieve(q, index, o).best for q, o in zip(queries, owns)]
+    identical = all(torch.equal(a, b) for a, b in zip(old, new))
+    secs = time_interleaved({
+        "old": lambda: [retrieve_float64_per_call(q, texts, o) for q, o in zip(queries, owns)],
+        "new": lambda: [retrieve(q, index, o) for q, o in zip(queries, owns)],
+    }, rounds)
+    old_s, new_s = secs["old"] / prompts_per_round, secs["new"] / prompts_per_round
+    return {"benchmark": "R@1 per prompt", "variant": f"N={n}, {views} views, D={dim}",
+            "old_s_per_prompt": old_s, "new_s_per_prompt": new_s, "speedup": old_s / new_s,
+            "index_build_s": build, "identical": identical}
 
 
 def bench_data_step(sizes: Sequence[int] = (15, 100_000, 1_000_000), world: int = 64, batch: int = 8,
@@ -240,25 +241,26 @@ def bench_ingp_step(sizes: Sequence[int] = (15, 13_551), batch: int = 2, points:
     and Adam over every prompt's table (issue 15 item 5, not yet sparse) make it O(prompts).
     A small grid (2 levels, ~5.7k parameters per prompt) keeps 13,551 prompts in ~1.3 GB.
     """
+    encoding = dict(encoding or _INGP_SMALL)
+    return [_ingp_step_row(n, batch, points, rounds, encoding) for n in sizes]
+
+
+def _ingp_step_row(n: int, batch: int, points: int, rounds: int, encoding: dict) -> dict:
+    # One size per call: its generator and Adam state (GBs at 13,551 prompts) are freed on return.
     from amortized3d.generators.ingp import IngpGenerator, parameters_per_prompt
 
-    encoding = dict(encoding or _INGP_SMALL)
-    rows = []
-    for n in sizes:
-        gen = IngpGenerator(n, encoding, mlp_hidden=64)
-        opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
-        x = torch.rand(batch, points, 3, generator=g) * 2 - 1
-        ids = torch.randint(0, n, (batch,), generator=g)
+    gen = IngpGenerator(n, encoding, mlp_hidden=64)
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
+    x = torch.rand(batch, points, 3, generator=g) * 2 - 1
+    ids = torch.randint(0, n, (batch,), generator=g)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            sigma, rgb = gen(None, ids).query(x)
-            (sigma.square().mean() + rgb.square().mean()).backward()
-            opt.step()
+    def step():
+        opt.zero_grad(set_to_none=True)
+        sigma, rgb = gen(None, ids).query(x)
+        (sigma.square().mean() + rgb.square().mean()).backward()
+        opt.step()
 
-        secs = time_interleaved({"step": step}, rounds)["step"]
-        rows.append({"benchmark": "per-prompt iNGP step", "variant": f"{n} prompts, batch {batch}, {points} points",
-                     "parameters": n * parameters_per_prompt(encoding, 64), "s_per_step": secs})
-        del gen, opt
-    return rows
+    secs = time_interleaved({"step": step}, rounds)["step"]
+    return {"benchmark": "per-prompt iNGP step", "variant": f"{n} prompts, batch {batch}, {points} points",
+            "parameters": n * parameters_per_prompt(encoding, 64), "s_per_step": secs}

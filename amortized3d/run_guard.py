@@ -7,7 +7,9 @@ a different experiment, and stop cleanly on preemption.
 * :func:`check_run_dir`: a fresh run refuses a run dir that already holds checkpoints.
 * :func:`compare_resume`: the checkpoint's config / prompts against the new run's; experiment
   changes fail with a readable diff and the override (``resume.force=true``), settings a user
-  may change (lr, max_steps extension, logging) are returned to be applied and recorded.
+  may change (lr, max_steps extension, logging) are returned to be applied and recorded. A config
+  recorded in an older layout (``config_version``) is migrated first
+  (:mod:`amortized3d.config_version`), so a moved key is not a changed experiment.
 * :class:`PreemptionHandler`: SIGTERM / SIGUSR1 / SIGINT save ``last.ckpt`` and stop the run
   with :class:`Interrupted` ("interrupted at step N; resume with ckpt_path=...").
 
@@ -24,6 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+
+from amortized3d.config_version import migrate_config
 
 FORCE_OVERRIDE = "resume.force=true"
 OVERWRITE_OVERRIDE = "overwrite=true"
@@ -203,7 +207,7 @@ def check_run_dir(checkpoint_dir: Path, resuming: bool, overwrite: bool, delete:
 # Settings a user may change on resume: applied (see AmortizedSystem.on_train_start) and recorded.
 MAY_CHANGE = ("system.optimizer.lr", "system.optimizer.lr_scale", "system.optimizer.group_lr",
               "system.optimizer.betas", "system.optimizer.eps", "system.optimizer.weight_decay",
-              "system.val_views", "system.max_consecutive_nonfinite",
+              "system.val_views", "system.max_consecutive_nonfinite", "data.val_max_prompts",
               "trainer.", "logger", "callbacks", "evaluation", "task_name", "data.val_split", "data.test_split",
               "debug")
 # Not compared: where files live, resume controls, and the corpus source (its prompts are compared).
@@ -255,7 +259,8 @@ def describe_prompt_change(old: Sequence[str], new: Sequence[str]) -> str | None
 
 
 def load_checkpoint_meta(path: str | os.PathLike) -> dict:
-    """What a resume compares: {config, train_prompts, text_encoder, global_step, ...} of a checkpoint."""
+    """What a resume compares: {config, config_version, train_prompts, text_encoder, global_step, ...}
+    of a checkpoint (``config_version`` 0: written before the stamp)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path} does not exist")
@@ -270,7 +275,8 @@ def load_checkpoint_meta(path: str | os.PathLike) -> dict:
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     loops = ckpt.get("loops", {}) if isinstance(ckpt, dict) else {}
     batches = (loops.get("fit_loop", {}).get("epoch_loop.state_dict", {}) or {}).get("_batches_that_stepped")
-    return {"path": str(path), "config": hp.get("config") or {}, "train_prompts": state.get("train_prompts"),
+    return {"path": str(path), "config": hp.get("config") or {}, "config_version": state.get("config_version", 0),
+            "train_prompts": state.get("train_prompts"),
             "text_encoder": state.get("text_encoder"), "global_step": int(ckpt.get("global_step", 0)),
             "batch_index": int(state.get("batch_index", 0)), "batches_that_stepped": batches,
             "wandb_id": state.get("wandb_id")}
@@ -283,21 +289,28 @@ def compare_resume(meta: Mapping, config: Mapping, train_prompts: Sequence[str] 
     Returns ``{"changed": {key: [old, new]}, "forced": [lines]}``: the changed may-change settings
     (to apply and record) and, with ``force``, the experiment differences that were forced; raises
     :class:`ResumeMismatchError` listing every experiment-changing difference unless ``force``.
+    The stored config is first migrated from its ``meta["config_version"]`` (absent: 0) to the
+    current layout; keys that layout never recorded (published properties, read only through the
+    compared keys that use them) are skipped where the stored config lacks them.
     """
+    try:
+        old = migrate_config(meta.get("config") or {}, meta.get("config_version", 0))
+    except ValueError as e:
+        raise ResumeMismatchError(f"ckpt_path={meta.get('path')}: {e}") from e
     # A checkpoint without a stored config (not written by train()) has nothing to compare.
-    old_flat, new_flat = _flatten(meta.get("config") or {}), (_flatten(config) if meta.get("config") else {})
+    old_flat, new_flat = _flatten(old.config), (_flatten(config) if meta.get("config") else {})
     changed: dict[str, list] = {}
     blocking: list[str] = []
     for key in sorted(set(old_flat) | set(new_flat)):
         if _matches(key, IGNORED):
             continue
-        old, new = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
-        if old == new:
+        before, new = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+        if before == new or (before is _ABSENT and _matches(key, old.unrecorded)):
             continue
         if _matches(key, MAY_CHANGE) and not _matches(key, NOT_MAY_CHANGE):
-            changed[key] = [old, new]
+            changed[key] = [before, new]
         else:
-            blocking.append(f"{key}: {_short(old)} -> {_short(new)}")
+            blocking.append(f"{key}: {_short(before)} -> {_short(new)}")
     max_steps = _flatten(config).get("trainer.max_steps")
     if isinstance(max_steps, int) and max_steps <= int(meta.get("global_step", 0)):
         changed.pop("trainer.max_steps", None)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.cameras import CameraBatch, CameraRanges, orbit_cameras, sample_cameras
+from amortized3d.config_version import CONFIG_VERSION
 from amortized3d.data import step_rng
 from amortized3d.divergence import DivergenceGuard, last_good_checkpoint, uncount_lightning_step
 from amortized3d.evaluation.shard import gather_results, shard_indices
@@ -277,7 +278,8 @@ class AmortizedSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen prior (e.g. Stable Diffusion, GBs) is rebuilt from config, never checkpointed.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not self._is_frozen(k)}
-        checkpoint["amortized3d"] = {"batch_index": self.batch_index, "nonfinite_steps": self.nonfinite_steps,
+        checkpoint["amortized3d"] = {"config_version": CONFIG_VERSION,  # the layout of hyper_parameters.config
+                                     "batch_index": self.batch_index, "nonfinite_steps": self.nonfinite_steps,
                                      "train_prompts": self.train_prompts,
                                      "text_encoder": getattr(self.text_encoder, "identity", None),
                                      "auxiliary_optimizer": (self.auxiliary_optimizer.state_dict()

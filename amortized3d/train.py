@@ -130,7 +130,7 @@ def train(cfg: DictConfig) -> dict:
             log.warning("resume: applying changed settings: %s", "; ".join(
                 f"{k} {v[0]!r} -> {v[1]!r}" for k, v in resume["changed"].items()))
     L.seed_everything(cfg.seed, workers=True)
-    system, prior, corpus = build_system(cfg, corpus)
+    system, _, corpus = build_system(cfg, corpus)
     if meta is not None:
         check_text_encoder(meta, getattr(system.text_encoder, "identity", None), force=force)
         system.resume_record = {"changed": resume["changed"], "forced": resume["forced"], "from": str(ckpt_path)}

@@ -50,7 +50,7 @@ def test_a_checkpoint_loads_without_its_corpus_file(tmp_path, cache_dir):
     system, *_ = load_model(ckpt)
     expected = _render(system, PROMPTS[2])
     corpus.unlink()
-    system, _, loaded, _ = load_model(ckpt)
+    system, loaded, _ = load_model(ckpt)
     assert list(loaded.unique("train")) == PROMPTS
     torch.testing.assert_close(_render(system, PROMPTS[2]), expected, rtol=0, atol=0)
 
@@ -65,7 +65,7 @@ def test_an_edited_corpus_is_reported_by_name_and_cannot_rebind_a_field(tmp_path
     edited = ["a purple cone", PROMPTS[3], PROMPTS[0], PROMPTS[2]]  # PROMPTS[1] replaced, order changed
     corpus.write_text(json.dumps({"train": edited, "val": edited[:1]}))
     with caplog.at_level(logging.WARNING, logger="amortized3d.evaluation.checkpoint"):
-        model, _, loaded, _ = load_model(ckpt)
+        model, loaded, _ = load_model(ckpt)
     report = " ".join(r.getMessage() for r in caplog.records)
     assert "differs from the 4 prompts" in report
     assert "1 trained prompt(s) not in it ('a blue sphere')" in report

@@ -1,15 +1,17 @@
 """The effective settings of every shipped generator x guidance x prior (and experiment), pinned.
 
-The priors publish what the other parts read (``scene_bound``, ``capacity``, ``recommended`` CFG) instead
-of per-pair files; this pins what that composes to, read where it is consumed (the guidance's CFG, the
-generator's grid, the renderer's sphere and density), so a change of where a number lives cannot change
-a run. The values are the ones the per-pair files gave before (issue 16).
+The priors publish what the other parts read (``scene_bound``, ``capacity``, ``score_model``, ``recommended``
+CFG, score-model lr and SDI's loss settings) instead of per-pair files; this pins what that composes to,
+read where it is consumed (the guidance's CFG and score model, the generator's grid, the renderer's
+sphere and density), so a change of where a number lives cannot change a run. The values are the ones
+the per-pair files gave before (issue 16).
 """
 from __future__ import annotations
 
 import importlib
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import CONFIGS, compose
 
@@ -29,6 +31,14 @@ CFG = {"analytic": {"sds": 7.5, "csd": 1.0, "vsd": 7.5, "lvsd": 7.5, "l2vsd": 7.
 SCORE_LR = {"analytic": 1e-3, "stable_diffusion": 1e-4}  # the VSD family's score-model optimizer
 # (generator.fused_mlp, renderer.skip_empty_space): the render fast path, on where its quality was measured
 FAST_PATH = {("analytic", "hyper_ingp"): (True, True)}
+# the VSD family's score model: (target class, the node's keys) as the per-pair files gave them (issue 16)
+SCORE_MODEL = {"analytic": ("SmallUNetScoreModel", {"in_channels": 3, "resolution": 32, "cond_dim": 1024,
+                                                     "base_channels": 32, "channel_mults": [1, 2],
+                                                     "prediction_type": "epsilon", "camera_dropout": 0.1}),
+               "stable_diffusion": ("LoRAScoreModel", {"rank": 4, "alpha": 4, "camera_condition": True,
+                                                       "camera_dropout": 0.1, "prediction_type": "auto",
+                                                       "base_model_name_or_path": None, "revision": None,
+                                                       "local_files_only": False})}
 SDI_CPU = {"analytic": ("sum", 0.0), "stable_diffusion": ("mean", [[0, 1.0], [4000, 0.1]])}  # reduction, convexity
 
 
@@ -73,13 +83,17 @@ def test_every_shipped_combination_composes_to_the_pinned_settings(tmp_path, pri
                 assert (c.resolution, c.channels, c.channel_base, c.channel_max, c.sdf_bias_radius,
                         cfg.system.optimizer.lr, cfg.data.views_per_prompt) == CONV3D[prior], where
             if "score_optimizer" in g:
-                assert g.score_optimizer.lr == SCORE_LR[prior], where
+                assert g.score_optimizer.lr == SCORE_LR[prior] and g.score_optimizer.name == "adamw", where
+                target, keys = SCORE_MODEL[prior]
+                node = OmegaConf.to_container(g.score_model, resolve=True)
+                assert node.pop("_target_").endswith("." + target) and node.pop("_partial_") is True, where
+                assert node == keys, where
             if guidance == "sdi":
                 assert (g.reduction, g.lambda_convexity) == SDI_CPU[prior], where
             if guidance == "asd":
                 assert g.shifted_guidance_scale == 1.0
             if guidance == "sdi":
-                assert g.inversion_guidance_scale == -7.5
+                assert g.inversion_guidance_scale == -7.5 == -g.guidance_scale  # SDI §5.1: gamma_inv = -gamma_fwd
 
 
 # experiment -> (generator bound, hash grid or conv3d capacity (resolution, channel_multiplier), lr, CFG)

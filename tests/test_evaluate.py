@@ -56,7 +56,7 @@ def test_clip_metrics_match_brute_force_and_repeat_exactly(tmp_path, cache_dir, 
     # brute force: every prompt's 4 views scored against the full 30-prompt text matrix
     from amortized3d.evaluation.checkpoint import load_model
 
-    system, _, corpus, _ = load_model(checkpoint, [f"paths.cache_dir={cache_dir}"])
+    system, corpus, _ = load_model(checkpoint, [f"paths.cache_dir={cache_dir}"])
     prompts = list(corpus.unique("val"))
     encoder = ClipEncoder("a3d-tiny-clip", None, config_dirs=[CLIP_CONFIGS])
     cached = torch.nn.functional.normalize(clip_text_embeddings(encoder, corpus.name, prompts, cache_dir).double(),

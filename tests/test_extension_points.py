@@ -4,7 +4,7 @@ Each test writes the two files into a temp dir (the module importable through ``
 found through ``hydra.searchpath=[file://...]``), composes the real ``configs/train.yaml`` with it and
 trains 3 steps on the analytic prior through ``amortized3d.train.train``. The settings the new part
 needs from the world (CFG, scene bound, capacity) come from what the prior publishes, so no third file
-(no ``prior_guidance``/``prior_generator`` specialisation) is written.
+(no ``prior_generator`` specialisation) is written.
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("update order", ("amortized3d.update_order", "amortized3d.divergence")),  # framework-free training steps
     ("model", ("amortized3d.model", "amortized3d.export")),      # what a checkpoint renders; file writers
     ("evaluation", ("amortized3d.evaluation",)),                 # orbit, scorers, oracle, retrieval, clip, shard
-    ("system", ("amortized3d.system", "amortized3d.callbacks", "amortized3d.run_guard")),
+    ("system", ("amortized3d.system", "amortized3d.callbacks", "amortized3d.run_guard",
+                "amortized3d.config_version")),
     ("build", ("amortized3d.build",)),
     # entry points: training, checkpoint loading, scripts' evaluate/export, benchmarks, toys
     ("entry points", ("amortized3d.train", "amortized3d.evaluation.checkpoint", "amortized3d.evaluation.evaluate",

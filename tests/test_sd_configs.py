@@ -1,4 +1,4 @@
-"""The Stable Diffusion configs compose: score-model specialisation per prior, paper experiments."""
+"""The Stable Diffusion configs compose: the score model each prior publishes, paper experiments."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +17,26 @@ def test_vsd_family_selects_the_lora_on_sd_and_the_small_unet_on_analytic(tmp_pa
     assert "in_channels" not in sd.score_model  # the node is replaced, not merged with the small UNet's
     analytic = compose(tmp_path, tmp_path, f"guidance={guidance}").guidance
     assert analytic.score_model._target_.endswith("SmallUNetScoreModel")
+
+
+NEW_VSD_LIKE = """
+# A user's VSD-like guidance: the score model and its lr are what the prior publishes (no per-prior file).
+_target_: amortized3d.guidance.vsd.VSDGuidance
+name: vsd_like
+guidance_scale: ${prior.recommended.guidance_scale}
+score_optimizer: {name: adamw, lr: "${prior.recommended.score_model_lr}"}
+score_model: ${prior.score_model}
+"""
+
+
+def test_a_new_vsd_like_guidance_gets_the_prior_s_score_model_without_a_third_file(tmp_path):
+    """SD: the LoRA of its UNet at App. F's 1e-4; analytic: the small UNet at 1e-3 (issue 16)."""
+    (tmp_path / "guidance").mkdir()
+    (tmp_path / "guidance" / "vsd_like.yaml").write_text(NEW_VSD_LIKE)
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    for prior, target, lr in [("stable_diffusion", "LoRAScoreModel", 1e-4), ("analytic", "SmallUNetScoreModel", 1e-3)]:
+        g = compose(tmp_path, tmp_path, search, f"prior={prior}", "guidance=vsd_like", tiny=False).guidance
+        assert g.score_model._target_.endswith(target) and g.score_optimizer.lr == lr, prior
 
 
 def test_sd_generator_conditioning_is_the_clip_pooled_width(tmp_path):

@@ -89,8 +89,11 @@ def _check_render_only_load(ckpt, full) -> None:
     from amortized3d.evaluation.checkpoint import load_model
     from amortized3d.model import AmortizedModel
 
-    render_only, prior, *_ = load_model(ckpt)
-    assert prior is None and isinstance(render_only, AmortizedModel) and not isinstance(render_only, L.LightningModule)
+    loaded = load_model(ckpt)
+    render_only = loaded.model
+    assert "prior" not in loaded._fields  # nothing of the prior is built
+    assert isinstance(render_only, AmortizedModel) and not isinstance(render_only, L.LightningModule)
+    assert not any("unet" in k or "vae" in k for k in render_only.state_dict())
     assert not hasattr(render_only, "guidance")
     assert not any(k.startswith("guidance.") for k in render_only.state_dict())
     cams = orbit_cameras(2, 16)

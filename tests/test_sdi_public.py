@@ -85,7 +85,7 @@ def test_top_k_by_step_keeps_only_the_latest_checkpoints(tmp_path, cache_dir):
 
 
 def test_analytic_world_keeps_its_sdi_settings(tmp_path, cache_dir):
-    """configs/prior_guidance/analytic_sdi.yaml: the CPU world keeps Alg. 3's sum and no convexity (no normals)."""
+    """prior/analytic.yaml publishes Alg. 3's sum and no convexity for the CPU world (no normals)."""
     from amortized3d.build import build_system
 
     cfg = compose(tmp_path, cache_dir, "guidance=sdi")

@@ -274,7 +274,7 @@ def test_a_built_score_model_must_diffuse_like_the_prior():
 
 @pytest.mark.parametrize("name, overrides", [
     ("vsd", []), ("lvsd", []), ("l2vsd", []),
-    pytest.param("vsd", ["guidance.update_order=joint", "guidance.score_model.prediction_type=v_prediction"],
+    pytest.param("vsd", ["guidance.update_order=joint", "prior.score_model.prediction_type=v_prediction"],
                  marks=pytest.mark.slow),
     pytest.param("l2vsd", ["guidance.last_layer_only=true", "guidance.score_steps=2"], marks=pytest.mark.slow)])
 def test_end_to_end_smoke_through_hydra_and_train(tmp_path, cache_dir, name, overrides):

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from amortized3d.build import build_model, build_prior, load_run_corpus, run_corpus
+from amortized3d.build import build_model, load_run_corpus, run_corpus
 from amortized3d.checkpoint_io import CheckpointError, load_torch
+from amortized3d.config_version import migrate_config
 from amortized3d.corpora import Corpus, CorpusNotFoundError
 from amortized3d.model import AmortizedModel, model_state_dict
 
@@ -23,19 +23,18 @@ log = logging.getLogger(__name__)
 
 
 class LoadedModel(NamedTuple):
+    """What evaluation and export need: no prior (the oracle scores against the world node)."""
+
     model: AmortizedModel
-    prior: Any  # None unless with_prior (evaluation needs none: the oracle scores against the world node)
     corpus: Corpus
     cfg: DictConfig
 
 
-def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu", *,
-               with_prior: bool = False) -> LoadedModel:
-    """(model in eval mode, prior, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
+def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_location: str = "cpu") -> LoadedModel:
+    """(model in eval mode, corpus, cfg) with the checkpoint's weights; ``overrides`` as ``key=value``.
 
     Overrides may change what does not alter parameter shapes (evaluation settings, the cache
-    directory, the renderer's sample budget, ...). ``with_prior``: also build the prior from the
-    checkpoint's config (for Stable Diffusion that loads its UNet and VAE).
+    directory, the renderer's sample budget, ...).
     """
     path = Path(ckpt_path)
     if not path.is_file():
@@ -49,17 +48,16 @@ def load_model(ckpt_path: str | Path, overrides: Sequence[str] = (), map_locatio
     if not config:
         raise ValueError(f"{path} holds no amortized3d config (hyper_parameters.config); was it written by "
                          "scripts/train.py?")
+    state = ckpt.get("amortized3d") or {}
+    config = migrate_config(config, state.get("config_version", 0)).config  # an older layout: as today's
     cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
-    saved_prompts = (ckpt.get("amortized3d") or {}).get("train_prompts")
+    saved_prompts = state.get("train_prompts")
     corpus = _corpus_of(cfg, saved_prompts, path)
     if saved_prompts is None:  # a checkpoint older than the stored list: bound as its run was
         corpus = run_corpus(cfg, corpus)
     model = build_model(cfg, corpus, train_prompts=saved_prompts)
     model.load_state_dict(model_state_dict(ckpt["state_dict"]))
-    prior = build_prior(cfg) if with_prior else None
-    if isinstance(prior, nn.Module):
-        prior.eval()  # frozen, and only queried
-    return LoadedModel(model.eval(), prior, corpus, cfg)
+    return LoadedModel(model.eval(), corpus, cfg)
 
 
 def prompt_list_change(trained: Sequence[str], given: Sequence[str]) -> str | None:

@@ -71,15 +71,15 @@ def prompt_diversity(landings: Sequence[Landing], valid: Sequence[int],
                      name: Callable[[int], str] | None = None) -> dict[str, Any]:
     """The per-prompt block: which valid objects the particles landed on, coverage, blends."""
     valid = sorted({int(v) for v in valid})
-    hit = sorted({l.object_id for l in landings if l.landed})
+    hit = sorted({land.object_id for land in landings if land.landed})
     label = name or str
     return {
         "valid_objects": [label(o) for o in valid],
         "objects_hit": [label(o) for o in hit],
         "modes_covered": len(hit) / len(valid),
         "max_modes_covered": min(len(landings), len(valid)) / len(valid),
-        "blends": sum(not l.landed for l in landings),
-        "particles": [{**asdict(l), "object": label(l.object_id)} for l in landings],
+        "blends": sum(not land.landed for land in landings),
+        "particles": [{**asdict(land), "object": label(land.object_id)} for land in landings],
     }
 
 

@@ -137,8 +137,7 @@ def evaluate(cfg: DictConfig) -> dict:
     device = _device(str(cfg.get("device", "auto")))
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
     # Neither scorer needs the prior: the oracle scores against the run's world (its own config node).
-    model, _, corpus, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])],
-                                            with_prior=False)
+    model, corpus, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
     model = model.to(device)
     if cfg.get("data") is not None:  # another corpus' prompts, conditioned by the checkpoint's text encoder
         corpus = load_corpus(cfg.data.get("corpus_path") or cfg.data.corpus, search_dirs=[cfg.paths.corpora_dir])

@@ -26,7 +26,7 @@ def export(cfg: DictConfig) -> list[Path]:
     if unknown:
         raise ValueError(f"unknown format(s) {unknown}; valid formats: {', '.join(FORMATS)}")
     paths = [f"paths.{k}={cfg.paths[k]}" for k in ("cache_dir", "corpora_dir", "root_dir")]
-    model, _, _, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
+    model, _, ckpt_cfg = load_model(cfg.ckpt_path, [*paths, *(cfg.get("overrides") or [])])
     model = model.to(_device(str(cfg.get("device", "auto"))))
     out_dir = Path(cfg.paths.output_dir)
     particle = cfg.get("particle")
