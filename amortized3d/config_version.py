@@ -35,6 +35,7 @@ V0_WORLDS: dict[str, dict[str, Any]] = {
 # capacity), which are compared themselves.
 V0_UNRECORDED = ("prior.capacity", "prior.recommended", "prior.score_model")
 _INGP = "amortized3d.generators.ingp.IngpGenerator"
+_HYPER_INGP = "amortized3d.generators.hyper_ingp.HyperIngpGenerator"
 _VOLUME_RENDERER = "amortized3d.rendering.VolumeRenderer"
 
 
@@ -86,6 +87,8 @@ def _v0_to_v1(c: dict) -> None:
     if generator is not None and generator.get("_target_") == _INGP:
         generator.setdefault("num_particles", 1)  # one field per prompt, as v0
         generator.setdefault("check_memory", True)  # a pre-flight refusal only; a v0 run that ran fits
+    if generator is not None and generator.get("_target_") in (_INGP, _HYPER_INGP):
+        generator.setdefault("fused_mlp", False)  # the two-head MLPs, the only path unless `+generator.fused_mlp`
     data = _node(c, "data")
     if data is not None:
         data.setdefault("val_max_prompts", None)  # v0 validated every val prompt
