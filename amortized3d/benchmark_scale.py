@@ -121,7 +121,7 @@ def bench_scale(sizes: Sequence[int] | None = None, rounds: int = 3, turntable_v
     rows += bench_data_step(data_sizes, rounds=rounds)
     table_sizes = [n for n in (sizes or (100_000, 1_000_000)) if n >= 1000]
     rows += bench_text_table(table_sizes, rounds=rounds) + bench_ingp_memory()
-    return rows + (bench_ingp_step(rounds=rounds) if sizes is None else [])  # 13,551 fields: ~1.3 GB, full runs only
+    return rows + (bench_ingp_step(rounds=rounds) if sizes is None else [])  # 13,551 fields: ~2.4 GB, full runs only
 
 
 class _SyntheticEncoder:
@@ -233,34 +233,66 @@ def bench_ingp_memory(sizes: Sequence[int] = (15, 415, 13_551)) -> list[dict]:
 _INGP_SMALL = {"n_levels": 2, "log2_hashmap_size": 12, "base_resolution": 8, "implementation": "torch"}
 
 
-def bench_ingp_step(sizes: Sequence[int] = (15, 13_551), batch: int = 2, points: int = 4096, rounds: int = 3,
+def bench_ingp_step(sizes: Sequence[int] = (15, 1000, 13_551), batch: int = 2, points: int = 4096, rounds: int = 3,
                     encoding: dict | None = None) -> list[dict]:
-    """Seconds per per-prompt iNGP update (query B fields, backward, Adam) vs the number of prompts.
+    """Seconds per per-prompt iNGP update vs the number of prompts: dense vs ``sparse_updates``, interleaved.
 
-    The batch is the same at every size, so an O(batch) step would be flat; the dense gradient
-    and Adam over every prompt's table (issue 15 item 5, not yet sparse) make it O(prompts).
-    A small grid (2 levels, ~5.7k parameters per prompt) keeps 13,551 prompts in ~1.3 GB.
+    One update as the system takes it: query B fields, backward, the divergence guard's finite check
+    and checked step (its pre-step copy) around Adam. Dense: gradient, Adam and copy over every
+    prompt's table, O(prompts); sparse: the batch's working set, row-sparse gradient, LazyAdam and
+    the copy of the touched rows, O(batch). The batch is the same at every size, so an O(batch)
+    step is flat. A small grid (2 levels, ~5.7k parameters per prompt) keeps 13,551 prompts in
+    ~1.5 GB (dense) + ~0.9 GB (sparse), both held at once so their rounds interleave.
     """
     encoding = dict(encoding or _INGP_SMALL)
     return [_ingp_step_row(n, batch, points, rounds, encoding) for n in sizes]
 
 
 def _ingp_step_row(n: int, batch: int, points: int, rounds: int, encoding: dict) -> dict:
-    # One size per call: its generator and Adam state (GBs at 13,551 prompts) are freed on return.
+    # One size per call: its generators and Adam states (GBs at 13,551 prompts) are freed on return.
+    from amortized3d.divergence import DivergenceGuard
     from amortized3d.generators.ingp import IngpGenerator, parameters_per_prompt
+    from amortized3d.optim import build_optimizer
 
-    gen = IngpGenerator(n, encoding, mlp_hidden=64)
-    opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
-    x = torch.rand(batch, points, 3, generator=g) * 2 - 1
-    ids = torch.randint(0, n, (batch,), generator=g)
+    rng = torch.Generator().manual_seed(derive_seed("bench-ingp", n))
+    x = torch.rand(batch, points, 3, generator=rng) * 2 - 1
+    ids = torch.randperm(n, generator=rng)[:batch]
+    steps = {}
+    for name in ("dense", "sparse"):
+        gen = IngpGenerator(n, encoding, mlp_hidden=64, sparse_updates=name == "sparse")
+        opt = build_optimizer(gen.parameter_groups(), {"name": "adam", "lr": 1e-3})
+        steps[name] = _ingp_update(gen, opt, DivergenceGuard(), ids, x)
+    wall, cpu = _interleaved_wall_and_cpu(steps, rounds)
+    return {"benchmark": "per-prompt iNGP step", "variant": f"{n} prompts, batch {batch}, {points} points",
+            "parameters": n * parameters_per_prompt(encoding, 64), "dense_s_per_step": wall["dense"],
+            "sparse_s_per_step": wall["sparse"], "speedup": wall["dense"] / wall["sparse"],
+            "dense_cpu_s_per_step": cpu["dense"], "sparse_cpu_s_per_step": cpu["sparse"],
+            "cpu_speedup": cpu["dense"] / cpu["sparse"]}
 
-    def step():
+
+def _interleaved_wall_and_cpu(candidates: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per call, round-robin after one warm-up call each (CPU time is
+    what a loaded shared machine distorts least)."""
+    import statistics
+
+    for fn in candidates.values():
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in candidates}
+    cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def _ingp_update(gen, opt, guard, ids: torch.Tensor, x: torch.Tensor):
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         sigma, rgb = gen(None, ids).query(x)
         (sigma.square().mean() + rgb.square().mean()).backward()
-        opt.step()
-
-    secs = time_interleaved({"step": step}, rounds)["step"]
-    return {"benchmark": "per-prompt iNGP step", "variant": f"{n} prompts, batch {batch}, {points} points",
-            "parameters": n * parameters_per_prompt(encoding, 64), "s_per_step": secs}
+        if guard.all_finite(opt):
+            guard.checked_step(opt)
+    return step

@@ -16,6 +16,9 @@ touched, so a genuinely different experiment is still refused.
 * **Version 1**: the restructured layout: the world is its own node (``world``), the prior publishes
   ``scene_bound`` / ``capacity`` / ``score_model`` / ``recommended``, score models are ``_partial_``
   factories, the renderer's density follows the field kind (``auto``).
+* **Version 2**: the per-prompt iNGP has ``generator.sparse_updates`` (issue 15: O(batch) steps with a
+  lazy Adam; absent before, which is ``false``, the dense step every older run took) and 3DConv-net has
+  ``generator.num_particles`` (issue 19's z draws at evaluation; absent before, which is 1: eval_z alone).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import copy
 import importlib
 from typing import Any, Mapping, NamedTuple
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 # Version 0 named the analytic prior's world (prior.model.world) in a registry of one; its references
 # were rendered inside the fixed sphere of radius 1.0 (scenes/references.py REFERENCE_RENDERER then).
@@ -36,6 +39,7 @@ V0_WORLDS: dict[str, dict[str, Any]] = {
 V0_UNRECORDED = ("prior.capacity", "prior.recommended", "prior.score_model")
 _INGP = "amortized3d.generators.ingp.IngpGenerator"
 _HYPER_INGP = "amortized3d.generators.hyper_ingp.HyperIngpGenerator"
+_CONV3D = "amortized3d.generators.conv3d.Conv3dGenerator"
 _VOLUME_RENDERER = "amortized3d.rendering.VolumeRenderer"
 
 
@@ -53,8 +57,21 @@ def migrate_config(config: Mapping[str, Any], version: int) -> Migrated:
     out = copy.deepcopy(dict(config))
     if version == 0:
         _v0_to_v1(out)
-        return Migrated(out, V0_UNRECORDED)
-    return Migrated(out, ())
+    if version <= 1:
+        _v1_to_v2(out)
+    return Migrated(out, V0_UNRECORDED if version == 0 else ())
+
+
+def _v1_to_v2(c: dict) -> None:
+    generator = _node(c, "generator")
+    if generator is not None and generator.get("_target_") == _INGP:
+        generator.setdefault("sparse_updates", False)  # the dense step and torch Adam, as every v1 run took
+    if generator is not None and generator.get("_target_") == _CONV3D:
+        generator.setdefault("num_particles", 1)  # z draws at evaluation: eval_z alone (issue 19 added more)
+    if generator is not None and generator.get("_target_") in (_INGP, _HYPER_INGP):
+        # The two-head MLPs, the only path unless `+generator.fused_mlp` (a v2 config written before the key
+        # existed reports '<absent>' -> the new value, a may-change setting: run_guard.MAY_CHANGE).
+        generator.setdefault("fused_mlp", False)
 
 
 def _node(config: dict, dotted: str) -> dict | None:
@@ -87,8 +104,6 @@ def _v0_to_v1(c: dict) -> None:
     if generator is not None and generator.get("_target_") == _INGP:
         generator.setdefault("num_particles", 1)  # one field per prompt, as v0
         generator.setdefault("check_memory", True)  # a pre-flight refusal only; a v0 run that ran fits
-    if generator is not None and generator.get("_target_") in (_INGP, _HYPER_INGP):
-        generator.setdefault("fused_mlp", False)  # the two-head MLPs, the only path unless `+generator.fused_mlp`
     data = _node(c, "data")
     if data is not None:
         data.setdefault("val_max_prompts", None)  # v0 validated every val prompt

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from amortized3d.optim import grads_are_finite
+from amortized3d.row_sparse import touched_rows
 
 
 def _identity(flag: Tensor) -> Tensor:
@@ -31,7 +32,8 @@ class DivergenceGuard:
       dropped and the step is counted as skipped (``nonfinite_steps``).
     - ``checked_step(opt, step)``: ``step()`` (the optimizer step), undone if it made any weight
       non-finite (a corrupt optimizer state, an overflowing lr write NaN/inf from finite
-      gradients): the weights are copied before and restored after; counted as skipped.
+      gradients): the weights are copied before and restored after (for a row-sparse gradient only
+      its rows); counted as skipped.
     - ``record(stepped, ...)``: after each generator step; True once ``max_consecutive``
       generator steps in a row were skipped (the caller stops the run).
     """
@@ -60,17 +62,28 @@ class DivergenceGuard:
         """``step()`` (default ``optimizer.step``); False (weights restored, step counted) if it made
         any weight non-finite on any rank."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        # Row-sparse gradients (per-prompt iNGP, sparse_updates) change only their rows: back those up and
+        # check them, O(batch); every other parameter whole, into buffers kept across steps.
+        rows = {i: r for i, p in enumerate(params) if p.grad is not None and (r := touched_rows(p.grad)) is not None}
+        dense = [p for i, p in enumerate(params) if i not in rows]
         backup = self._backups.get(id(optimizer))
-        if backup is None or len(backup) != len(params):
-            backup = self._backups[id(optimizer)] = [torch.empty_like(p) for p in params]
+        if backup is None or len(backup) != len(dense) or any(b.shape != p.shape for b, p in zip(backup, dense)):
+            backup = self._backups[id(optimizer)] = [torch.empty_like(p) for p in dense]
         with torch.no_grad():
-            torch._foreach_copy_(backup, [p.detach() for p in params])
+            if dense:
+                torch._foreach_copy_(backup, [p.detach() for p in dense])
+            saved = {i: params[i].detach().index_select(0, r) for i, r in rows.items()}
         (step or optimizer.step)()
-        ok = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.ones((), dtype=torch.bool)
+        checks = [torch.isfinite(p).all() for p in dense]
+        checks += [torch.isfinite(params[i].detach().index_select(0, r)).all() for i, r in rows.items()]
+        ok = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
         if self._everywhere(ok):
             return True
         with torch.no_grad():
-            torch._foreach_copy_([p.data for p in params], backup)
+            if dense:
+                torch._foreach_copy_([p.data for p in dense], backup)
+            for i, r in rows.items():
+                params[i].data.index_copy_(0, r, saved[i])
         self.nonfinite_steps += 1
         self.streak["rolled_back"] = True
         return False

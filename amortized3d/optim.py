@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from amortized3d.row_sparse import LazyAdam, gradient_values
+
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -12,6 +14,8 @@ def build_optimizer(groups: list[dict], config: dict[str, Any]) -> torch.optim.O
     """``config``: {name, lr, betas?, eps?, weight_decay?, group_lr: {group name: lr}}.
 
     Groups carry a "name"; ``group_lr`` overrides the lr of named groups (e.g. the hash grid).
+    Groups marked ``row_sparse`` (the per-prompt iNGP with ``sparse_updates``) get gradients over the
+    batch's rows only: the optimizer is then :class:`LazyAdam` (adam, or adamw's decoupled decay).
     """
     config = dict(config)
     name = config.pop("name", "adam")
@@ -27,11 +31,34 @@ def build_optimizer(groups: list[dict], config: dict[str, Any]) -> torch.optim.O
                          f"valid: {[g.get('name') for g in groups]}")
     if "betas" in config:
         config["betas"] = tuple(config["betas"])
+    if any(g.get("row_sparse") for g in groups):
+        return _lazy_adam(name, groups, config)
     return OPTIMIZERS[name](groups, **config)
 
 
+_LAZY_OPTIONS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _lazy_adam(name: str, groups: list[dict], config: dict[str, Any]) -> LazyAdam:
+    """LazyAdam with the options of torch's ``name`` optimizer, or a clear refusal."""
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"generator.sparse_updates=true updates rows lazily with Adam: optimizer {name!r} has no "
+                         "lazy form here; use system.optimizer.name=adam or adamw, or sparse_updates=false")
+    unsupported = sorted(set(config) - set(_LAZY_OPTIONS))
+    if unsupported:
+        raise ValueError(f"generator.sparse_updates=true: the lazy {name} supports {list(_LAZY_OPTIONS)}, not "
+                         f"{unsupported}; remove them or set sparse_updates=false")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError("generator.sparse_updates=true is single-process: DDP all-reduces dense gradients and "
+                         "would need every rank's rows; train with one device or sparse_updates=false")
+    if name == "adamw":
+        config.setdefault("weight_decay", 1e-2)  # torch.optim.AdamW's default, so the switch changes nothing else
+    return LazyAdam(groups, decoupled_weight_decay=name == "adamw", **config)
+
+
 def grads_are_finite(optimizer: torch.optim.Optimizer) -> bool:
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [gradient_values(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -30,7 +30,8 @@ from amortized3d.guidance.base import Guidance, GuidanceInput
 from amortized3d.model import AmortizedModel, upgrade_state_dict
 from amortized3d.optim import build_optimizer
 from amortized3d.rendering import Background, RenderOutput, SolidBackground, VolumeRenderer
-from amortized3d.run_guard import DivergenceError
+from amortized3d.row_sparse import has_row_steps
+from amortized3d.run_guard import DivergenceError, ResumeMismatchError
 from amortized3d.schedules import Scheduled
 from amortized3d.text.base import TextEncoder
 from amortized3d.update_order import StepParts, UpdateOrderExecutor, build_auxiliary_optimizer
@@ -308,6 +309,7 @@ class AmortizedSystem(L.LightningModule):
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if self._is_frozen(k)})
+        self._check_optimizer_kind(checkpoint)
         state = checkpoint.get("amortized3d", {})
         self.batch_index = int(state.get("batch_index", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
@@ -318,6 +320,17 @@ class AmortizedSystem(L.LightningModule):
         self._pending_aux_state = state.get("auxiliary_optimizer")
         self._resume_history = list(state.get("resumes", []))
         self._resumed_from_step = int(checkpoint.get("global_step", 0))
+
+    def _check_optimizer_kind(self, checkpoint: dict) -> None:
+        """A LazyAdam state (per-row step counts, generator.sparse_updates=true) cannot continue under the
+        dense Adam: refused. The other way LazyAdam.load_state_dict converts (every row counts the steps)."""
+        states = checkpoint.get("optimizer_states") or []
+        row_sparse = any(g.get("row_sparse") for g in self.generator.parameter_groups())
+        if states and has_row_steps(states[0]) and not row_sparse:
+            raise ResumeMismatchError(
+                "the checkpoint's generator optimizer is the lazy Adam of generator.sparse_updates=true (a step "
+                "count per prompt) and this run's is the dense Adam: its state has no dense equivalent; resume "
+                "with generator.sparse_updates=true")
 
     def on_fit_start(self) -> None:
         pending = getattr(self, "_pending_aux_state", None)

@@ -8,6 +8,7 @@
     python scripts/benchmark.py --only cache_size     # bytes per prompt of the text cache
     python scripts/benchmark.py --only conv3d_memory  # 3DConv-net params + peak memory per prompt (minutes on CPU)
     python scripts/benchmark.py --only scale --sizes 15 100000 1000000  # R@1 s/prompt, data s/step, old vs new
+    python scripts/benchmark.py --only ingp_step --sizes 15 1000 13551  # per-prompt iNGP update: dense vs sparse
     python scripts/benchmark.py --only sd_fullsize --guidances sds vsd l2vsd --steps 1 [--dtype bf16] [--device cuda]
         # SD-2.1-base architecture, random weights: each guidance's training step by part, interleaved
         # (--model-dir DIR reuses / --write-model DIR only writes the random model; --size tiny: smoke;
@@ -26,7 +27,7 @@ from amortized3d.benchmark import (bench_cache_size, bench_conv3d_memory, bench_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["hash_grid", "mlp", "render", "steps", "cache_size", "conv3d_memory", "scale",
-                                           "sd_fullsize"],
+                                           "ingp_step", "sd_fullsize"],
                         default=None, help="default: all but conv3d_memory and sd_fullsize (minutes on a CPU)")
     parser.add_argument("--guidances", nargs="+", default=None,
                         help="default: sds csd vsd lvsd l2vsd asd sdi (steps), sds vsd l2vsd (sd_fullsize)")
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the step benchmark")
     parser.add_argument("--conv3d", nargs=3, type=int, default=[128, 32, 1], metavar=("RES", "CH", "MULT"),
                         help="3DConv-net grid resolution, channels, channel multiplier")
-    parser.add_argument("--sizes", nargs="*", type=int, default=None, help="corpus sizes for --only scale")
+    parser.add_argument("--sizes", nargs="*", type=int, default=None, help="corpus sizes for --only scale / ingp_step")
     parser.add_argument("--compile", action="store_true", help="mlp: also torch.compile the old path (start-up cost)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -74,6 +75,9 @@ def main() -> None:
     if args.only == "scale":
         from amortized3d.benchmark_scale import bench_scale
         rows += bench_scale(args.sizes, rounds=min(args.rounds, 3))
+    if args.only == "ingp_step":
+        from amortized3d.benchmark_scale import bench_ingp_step
+        rows += bench_ingp_step(*([args.sizes] if args.sizes else []), rounds=args.rounds)
     if args.only == "sd_fullsize":
         from amortized3d.benchmark_sd import bench_sd_fullsize, format_table
 

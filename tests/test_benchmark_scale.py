@@ -22,3 +22,12 @@ def test_the_synthetic_corpus_is_a_reference_format_corpus(tmp_path):
 
     corpus = read_corpus_file(synthetic_corpus(500, tmp_path / "s.json", num_val=20, num_test=30))
     assert corpus.counts() == {"train": 500, "val": 20, "test": 30} and len(set(corpus.split("train"))) == 500
+
+
+def test_the_ingp_step_row_times_dense_and_sparse_updates():
+    from amortized3d.benchmark_scale import bench_ingp_step
+
+    rows = bench_ingp_step((3, 40), points=64, rounds=1)
+    assert rows[1]["parameters"] * 3 == rows[0]["parameters"] * 40  # the same grid per prompt at both sizes
+    assert all(r["dense_s_per_step"] > 0 and r["sparse_s_per_step"] > 0 and r["sparse_cpu_s_per_step"] > 0
+               for r in rows)

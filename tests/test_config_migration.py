@@ -193,4 +193,22 @@ def test_a_checkpoint_written_by_the_old_code_resumes_and_loads(tmp_path, v0_tre
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     record = state["amortized3d"]["resumes"][-1]
     assert state["global_step"] == 3 and record["step"] == 2 and record["forced"] == []
-    assert state["amortized3d"]["config_version"] == 1
+    from amortized3d.config_version import CONFIG_VERSION
+
+    assert state["amortized3d"]["config_version"] == CONFIG_VERSION  # re-stamped in today's layout
+
+
+def test_a_conv3d_run_recorded_before_z_draws_resumes_at_any_version(new_configs):
+    """generator.num_particles of 3DConv-net (issue 19's z draws) came with version 2: a run recorded
+    without it (v0 or v1) is the same experiment; a different n is refused
+    (it changes what the run's evaluation measures)."""
+    from amortized3d.run_guard import ResumeMismatchError, compare_resume
+
+    new = new_configs[("prior=analytic", "generator=conv3d", "guidance=asd")]
+    recorded = json.loads(json.dumps(new))
+    del recorded["generator"]["num_particles"]
+    for version in (0, 1):
+        assert compare_resume(_meta(recorded, version), new, None) == {"changed": {}, "forced": []}
+    with pytest.raises(ResumeMismatchError, match=r"generator\.num_particles: 1 -> 4"):
+        compare_resume(_meta(recorded, 1), _new_config("prior=analytic", "generator=conv3d", "guidance=asd",
+                                                      "generator.num_particles=4"), None)

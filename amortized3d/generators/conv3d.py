@@ -11,6 +11,12 @@ system (``sample_latent`` with the step-keyed RNG, so a resumed run draws the sa
 no z is given (evaluation, export) the generator uses its fixed ``eval_z`` buffer, so a
 prompt always maps to the same shape. The generator only consumes the text embedding tensor;
 it is agnostic to which prior (and text encoder) produced it.
+
+``num_particles`` = n > 1 is the z counterpart of the per-prompt iNGP's particles (issue 19:
+"for 3DConv-net the latent z plays this role"): evaluation, export (``particle=i``) and the
+diversity block see n fixed draws z_0 = eval_z, z_1..z_{n-1} ~ N(0, I) per prompt, the same
+draws for every prompt (generators/particles.py selects one). Training is unchanged: every
+step still draws a fresh z, so n changes nothing a run learns.
 """
 from __future__ import annotations
 
@@ -59,10 +65,13 @@ class Conv3dGenerator(Generator):
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.8,
         eval_z_seed: int = 0,
+        num_particles: int = 1,
     ) -> None:
         super().__init__()
         if sdf_bias not in ("sphere", "none"):
             raise ValueError(f"sdf_bias must be sphere|none, got {sdf_bias!r}")
+        if int(num_particles) < 1:
+            raise ValueError(f"num_particles (z draws at evaluation) must be >= 1, got {num_particles}")
         self.text_dim, self.z_dim = text_dim, z_dim
         self.mapping = MappingNetwork(z_dim, text_dim, w_dim, mapping_layers, normalize_text)
         self.synthesis = SynthesisNetwork(
@@ -75,13 +84,26 @@ class Conv3dGenerator(Generator):
         self.rgb_head = _head(channels, mlp_hidden, 3, head_init_scale)
         # The evaluation latent: a fixed draw from N(0, I) (z = 0 is off the training distribution,
         # which lives on the sphere ||z||^2 ~ z_dim after normalisation). Stored in checkpoints.
-        g = torch.Generator().manual_seed(eval_z_seed)
-        self.register_buffer("eval_z", torch.randn(z_dim, generator=g))
+        rng = torch.Generator().manual_seed(eval_z_seed)
+        self.register_buffer("eval_z", torch.randn(z_dim, generator=rng))
+        # The other evaluation draws continue the same RNG, so z_0 = eval_z is the draw a one-particle run
+        # uses. Not persistent: they are a function of (eval_z_seed, n), and checkpoints keep their keys.
+        self.num_particles = int(num_particles)
+        self.eval_particle = 0  # which draw forward() uses without z (generators/particles.py sets it)
+        self.register_buffer("particle_z", torch.randn(self.num_particles - 1, z_dim, generator=rng),
+                             persistent=False)
         self.bound, self.sdf_bias, self.sdf_bias_radius = float(bound), sdf_bias, sdf_bias_radius
 
     def sample_latent(self, batch: int, rng: torch.Generator | None = None) -> Tensor:
         """A fresh z ~ N(0, I) per prompt, [batch, z_dim] (the system passes its step-keyed RNG)."""
         return torch.randn(batch, self.z_dim, generator=rng).to(self.eval_z)
+
+    def evaluation_latent(self, particle: int | None = None) -> Tensor:
+        """The fixed z [z_dim] of evaluation draw ``particle`` (default: ``eval_particle``); draw 0 is eval_z."""
+        i = self.eval_particle if particle is None else int(particle)
+        if not 0 <= i < self.num_particles:
+            raise IndexError(f"z draw {i} of {self.num_particles} (generator.num_particles sets how many)")
+        return self.eval_z if i == 0 else self.particle_z[i - 1]
 
     def generate_volume(self, text_emb: Tensor, z: Tensor | None = None) -> Tensor:
         """text [B,E] (+ z [B,z_dim]) -> feature volume [B, channels, R, R, R]."""
@@ -89,7 +111,7 @@ class Conv3dGenerator(Generator):
             raise ValueError(f"text_emb must be [B,{self.text_dim}], got {tuple(text_emb.shape)}")
         b = text_emb.shape[0]
         if z is None:
-            z = self.eval_z.expand(b, -1)
+            z = self.evaluation_latent().expand(b, -1)
         elif z.shape != (b, self.z_dim):
             raise ValueError(f"z must be [{b},{self.z_dim}], got {tuple(z.shape)}")
         w = self.mapping(z.to(self.eval_z.dtype), text_emb.to(self.eval_z.dtype))

@@ -163,7 +163,10 @@ class HashGridEncoding(nn.Module):
         """[-bound, bound] -> [0, 1], clamped (points outside see the boundary's features)."""
         return ((x + self.bound) / (2.0 * self.bound)).clamp(0.0, 1.0)
 
-    def forward(self, x: Tensor, instance_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, instance_ids: Tensor | None = None, table: Tensor | None = None) -> Tensor:
+        """``table``: read these instances' rows [I', rows, F] instead of ``self.table`` (instance_ids then
+        index into it): the per-prompt iNGP's working set of one step (generators/ingp.py, sparse_updates).
+        Every other decision (which levels go through grid_sample, int32 rows) stays the module's."""
         if x.shape[-1] != 3 or x.dim() != 3:
             raise ValueError(f"expected points [B,N,3], got {tuple(x.shape)}")
         if instance_ids is None:
@@ -172,8 +175,14 @@ class HashGridEncoding(nn.Module):
         elif instance_ids.shape != (x.shape[0],):
             raise ValueError(f"instance_ids must be [B]={x.shape[0]}, got {tuple(instance_ids.shape)}")
         if self.implementation == "tcnn":
+            if table is not None:
+                raise ValueError("this HashGridEncoding uses tcnn, which holds its own table: a working-set "
+                                 "table needs implementation=torch")
             return self._forward_tcnn(x)
-        return self._forward_torch(x, instance_ids)
+        if table is not None and (table.dim() != 3 or tuple(table.shape[1:]) != tuple(self.table.shape[1:])):
+            raise ValueError(f"table must be [I, {self.rows_per_instance}, {self.n_features_per_level}], "
+                             f"got {tuple(table.shape)}")
+        return self._forward_torch(x, instance_ids, self.table if table is None else table)
 
     def _forward_tcnn(self, x: Tensor) -> Tensor:
         if not x.is_cuda:
@@ -182,20 +191,20 @@ class HashGridEncoding(nn.Module):
         out = self.tcnn_encoding(self.normalize(x).reshape(-1, 3).float())
         return out.float().reshape(b, n, self.output_dim)
 
-    def _forward_torch(self, x: Tensor, instance_ids: Tensor | None) -> Tensor:
+    def _forward_torch(self, x: Tensor, instance_ids: Tensor | None, table: Tensor) -> Tensor:
         if self.fused:
-            return self._forward_fused(x, instance_ids)
+            return self._forward_fused(x, instance_ids, table)
         if self.dense_levels == "gather" or not bool(self._dense.any()):
-            return self._forward_gather(x, instance_ids, torch.arange(self.n_levels, device=x.device))
+            return self._forward_gather(x, instance_ids, torch.arange(self.n_levels, device=x.device), table)
         dense = self._dense.nonzero().flatten().tolist()
         hashed = (~self._dense).nonzero().flatten()
-        parts = {level: self._dense_level(x, instance_ids, level) for level in dense}
+        parts = {level: self._dense_level(x, instance_ids, level, table) for level in dense}
         if hashed.numel():
-            feats = self._forward_gather(x, instance_ids, hashed).unflatten(-1, (-1, self.n_features_per_level))
+            feats = self._forward_gather(x, instance_ids, hashed, table).unflatten(-1, (-1, self.n_features_per_level))
             parts.update({level: feats[..., i, :] for i, level in enumerate(hashed.tolist())})
         return torch.cat([parts[level] for level in range(self.n_levels)], dim=-1)
 
-    def _dense_level(self, x: Tensor, instance_ids: Tensor | None, level: int) -> Tensor:
+    def _dense_level(self, x: Tensor, instance_ids: Tensor | None, level: int, table: Tensor) -> Tensor:
         """One dense level as a trilinear voxel-grid lookup: [B,N,3] -> [B,N,F].
 
         Row ``x + y (n+1) + z (n+1)^2`` of the level is voxel [z, y, x]; with
@@ -205,7 +214,7 @@ class HashGridEncoding(nn.Module):
         b, n_pts, _ = x.shape
         n = int(self._res[level]) + 1
         start = int(self._offsets[level])
-        vol = self.table[:, start:start + n**3].view(self.num_instances, n, n, n, self.n_features_per_level)
+        vol = table[:, start:start + n**3].view(table.shape[0], n, n, n, self.n_features_per_level)
         vol = vol.permute(0, 4, 1, 2, 3)  # [I,F,z,y,x]
         if self.num_instances > 1:
             vol = vol.index_select(0, instance_ids.long())
@@ -215,7 +224,7 @@ class HashGridEncoding(nn.Module):
         out = F.grid_sample(vol.to(x.dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
         return out.view(b, self.n_features_per_level, n_pts).transpose(1, 2)
 
-    def _forward_gather(self, x: Tensor, instance_ids: Tensor | None, levels: Tensor) -> Tensor:
+    def _forward_gather(self, x: Tensor, instance_ids: Tensor | None, levels: Tensor, table: Tensor) -> Tensor:
         """All levels and corners at once: index/weight tensors of shape [B,N,L,8].
 
         Per-dimension terms are built for the two corner offsets ([...,L,3,2]) and combined
@@ -239,12 +248,12 @@ class HashGridEncoding(nn.Module):
         rows = torch.where(self._dense[levels][:, None], dense_idx, hashed_idx) + self._offsets[levels][:, None]
         if instance_ids is not None and self.num_instances > 1:
             rows = rows + (instance_ids.long() * self.rows_per_instance).view(b, 1, 1, 1)
-        flat = self.table.reshape(-1, self.n_features_per_level)
+        flat = table.reshape(-1, self.n_features_per_level)
         feats = flat.index_select(0, rows.reshape(-1)).view(*rows.shape, self.n_features_per_level)
         out = torch.matmul(weight.unsqueeze(-2), feats.to(weight.dtype))  # [B,N,L,1,F]
         return out.reshape(b, n, len(levels) * self.n_features_per_level)
 
-    def _forward_fused(self, x: Tensor, instance_ids: Tensor | None) -> Tensor:
+    def _forward_fused(self, x: Tensor, instance_ids: Tensor | None, table: Tensor) -> Tensor:
         """Level-major fast path: [B,N,3] -> [B,N,L*F].
 
         All gathered levels (dense and hashed rows built separately, then concatenated) go
@@ -262,14 +271,14 @@ class HashGridEncoding(nn.Module):
         u = self.normalize(x).reshape(b * n, 3)
         dense = self._dense.tolist()
         parts: list[Tensor | None] = [None] * self.n_levels
-        flat = self.table.reshape(-1, feat)
+        flat = table.reshape(-1, feat)
         first = 0  # first gathered level; dense levels come first (resolutions increase)
         if self.dense_levels == "grid_sample" and self.num_instances == 1 and any(dense):
             # ONE split of the table (its backward concatenates the pieces' gradients) instead
             # of a slice per level (each slice's backward would zero-fill a full-size table).
             first = sum(dense)
             sizes = [int((self._res[lv] + 1) ** 3) for lv in range(first)]
-            pieces = self.table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
+            pieces = table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
             for level in range(first):
                 parts[level] = self._dense_level_fused(u, pieces[level], level)
             flat = pieces[-1]

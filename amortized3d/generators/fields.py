@@ -24,7 +24,8 @@ class HashGridField:
     The sphere bias makes an untrained generator (tiny hash features, so MLP outputs ~0)
     a sphere of radius ``sdf_bias_radius``, the usual starting shape for SDF distillation.
     Field b uses encoding instance ``instance_ids[b]`` (None: a shared grid) and weights
-    ``w[b]`` of every [B,out,in] weight tensor; all B fields are evaluated in one pass.
+    ``w[b]`` of every [B,out,in] weight tensor; all B fields are evaluated in one pass. ``table``
+    (optional): the encoding reads these instances' rows instead of its own (a step's working set).
 
     ``fused_mlp`` (False by default here; on in the analytic hyper_ingp config, see HyperIngpGenerator) evaluates both heads as one network in cache-sized chunks
     (:func:`~amortized3d.generators.mlp.chunked_mlp` on :func:`~amortized3d.generators.mlp.fuse_heads`;
@@ -44,6 +45,7 @@ class HashGridField:
         sdf_bias: SdfBias = "sphere",
         sdf_bias_radius: float = 0.5,
         fused_mlp: bool = False,
+        table: Tensor | None = None,
     ) -> None:
         if sdf_bias not in ("sphere", "none"):
             raise ValueError(f"sdf_bias must be sphere|none, got {sdf_bias!r}")
@@ -55,6 +57,7 @@ class HashGridField:
         self.sdf_bias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
         self.fused_mlp = bool(fused_mlp)
+        self.table = table
 
     @property
     def batch_size(self) -> int:
@@ -66,7 +69,7 @@ class HashGridField:
             raise ValueError(f"expected points [{self.batch_size},...,3], got {tuple(points.shape)}")
         lead = points.shape[:-1]
         flat = points.reshape(self.batch_size, -1, 3)
-        feats = self.encoding(flat, self.instance_ids).to(self.sdf_weights[0].dtype)
+        feats = self.encoding(flat, self.instance_ids, table=self.table).to(self.sdf_weights[0].dtype)
         if self.fused_mlp:
             out = chunked_mlp(feats, fuse_heads([self.sdf_weights, self.rgb_weights]), self.activation)
             sdf, albedo = out[..., 0], torch.sigmoid(out[..., 1:])

@@ -1,7 +1,8 @@
 """Which particle a generator renders outside training (evaluation, export, diversity metrics).
 
-A generator with ``num_particles`` = n > 1 holds n fields per prompt (generators/ingp.py); during
-training the system passes the step's drawn particle ids as ``z``. Every other caller renders
+A generator with ``num_particles`` = n > 1 holds n fields per prompt (generators/ingp.py; during
+training the system passes the step's drawn particle ids as ``z``), or, for 3DConv-net, n fixed latent
+draws per prompt that evaluation renders in turn (generators/conv3d.py). Every other caller renders
 through ``system.render(prompts, cameras)`` with no z, so the particle is chosen here, for the
 duration of a ``with`` block, instead of threading a particle argument through every render path.
 """
