@@ -172,10 +172,11 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
     at the configured resolution and sample budget (rows without a suffix: as configured). With
     ``compare`` every row also for the previous paths, interleaved on the same system: "[old]"
-    (hash grid ``fused=False``, two-head MLPs, no skipping: before session 6), "[fused mlp]" (the
+    (hash grid ``fused=False``, two-head MLPs, no skipping: before session 6), "[two-head mlp]" (the
+    configured grid, two-head MLPs, no skipping: the default before session 8), "[fused mlp]" (the
     configured grid with ``fused_mlp=True``) and "[fused mlp + skip]" (also
-    ``renderer.skip_empty_space``); generators without the MLP switch get "[skip]"; ``speedup_vs_old``
-    is each row's ratio to its "[old]" twin."""
+    ``renderer.skip_empty_space``), each left out where it is the configured path; generators without
+    the MLP switch get "[skip]"; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
     prompts = system.train_prompts[:views]
     res = int(cfg.system.resolution)
@@ -222,10 +223,12 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     if compare:  # + the previous paths and skipping on, each row's variants next to each other
         now = (all(g.fused for g in grids), bool(getattr(gen, "fused_mlp", False)))
         skip_now = system.renderer.skip_empty_space
-        variants = {"[old]": (False, False, False), "": (*now, skip_now),
+        variants = {"[old]": (False, False, False), "": (*now, skip_now), "[two-head mlp]": (now[0], False, False),
                     "[fused mlp]": (now[0], True, False), "[fused mlp + skip]": (now[0], True, True)}
         if not has_mlp_switch:  # e.g. 3DConv-net: no generated MLP heads to fuse
             variants = {"[old]": (False, False, False), "": (*now, skip_now), "[skip]": (*now, True)}
+        # A variant equal to the configured path would only time it twice.
+        variants = {k: v for k, v in variants.items() if k == "" or v != (*now, skip_now)}
         candidates = {f"{k} {v}".rstrip(): configured(fn, *flags) for k, fn in candidates.items()
                       for v, flags in variants.items()}
     times = time_interleaved(candidates, rounds=rounds)

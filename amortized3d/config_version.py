@@ -38,6 +38,7 @@ V0_WORLDS: dict[str, dict[str, Any]] = {
 # capacity), which are compared themselves.
 V0_UNRECORDED = ("prior.capacity", "prior.recommended", "prior.score_model")
 _INGP = "amortized3d.generators.ingp.IngpGenerator"
+_HYPER_INGP = "amortized3d.generators.hyper_ingp.HyperIngpGenerator"
 _CONV3D = "amortized3d.generators.conv3d.Conv3dGenerator"
 _VOLUME_RENDERER = "amortized3d.rendering.VolumeRenderer"
 
@@ -67,6 +68,10 @@ def _v1_to_v2(c: dict) -> None:
         generator.setdefault("sparse_updates", False)  # the dense step and torch Adam, as every v1 run took
     if generator is not None and generator.get("_target_") == _CONV3D:
         generator.setdefault("num_particles", 1)  # z draws at evaluation: eval_z alone (issue 19 added more)
+    if generator is not None and generator.get("_target_") in (_INGP, _HYPER_INGP):
+        # The two-head MLPs, the only path unless `+generator.fused_mlp` (a v2 config written before the key
+        # existed reports '<absent>' -> the new value, a may-change setting: run_guard.MAY_CHANGE).
+        generator.setdefault("fused_mlp", False)
 
 
 def _node(config: dict, dotted: str) -> dict | None:

@@ -209,7 +209,10 @@ MAY_CHANGE = ("system.optimizer.lr", "system.optimizer.lr_scale", "system.optimi
               "system.optimizer.betas", "system.optimizer.eps", "system.optimizer.weight_decay",
               "system.val_views", "system.max_consecutive_nonfinite", "data.val_max_prompts",
               "trainer.", "logger", "callbacks", "evaluation", "task_name", "data.val_split", "data.test_split",
-              "debug")
+              "debug",
+              # Render implementation paths (fused MLP heads: float64-equal; skipping: images equal to ~1e-7),
+              # so the same experiment; on for the analytic quickstart since session 8, off in older runs.
+              "generator.fused_mlp", "renderer.skip_empty_space")
 # Not compared: where files live, resume controls, and the corpus source (its prompts are compared).
 IGNORED = ("paths", "ckpt_path", "resume", "overwrite", "hydra", "data.corpus", "data.corpus_path",
            "data.num_train_prompts", "prior.model.cache_dir")

@@ -15,6 +15,9 @@ def test_render_benchmark_rows(cache_dir):
     train = by_variant["train: forward+backward"]
     assert train["rays_per_s_vs_train_render"] == 1.0 and train["samples_per_ray"] == 16
     assert {"eval: direct (no grad)", "eval: baked 32^3 grid (no grad)"} <= set(by_variant)
+    # analytic hyper_ingp runs the fast path: the previous default is a row, the configured path timed once
+    assert {"train: forward+backward [old]", "train: forward+backward [two-head mlp]"} <= set(by_variant)
+    assert "train: forward+backward [fused mlp + skip]" not in by_variant
     for r in rows:
         assert r["seconds"] > 0 and r["rays_per_s"] == pytest.approx(r["rays_per_s_vs_train_render"]
                                                                      * train["rays_per_s"])

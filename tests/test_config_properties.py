@@ -29,6 +29,8 @@ CONV3D = {"analytic": (32, 16, 512, 64, 0.5, 2e-3, 2), "stable_diffusion": (128,
 CFG = {"analytic": {"sds": 7.5, "csd": 1.0, "vsd": 7.5, "lvsd": 7.5, "l2vsd": 7.5, "asd": 7.5, "sdi": 7.5},
        "stable_diffusion": {"sds": 100.0, "csd": 1.0, "vsd": 7.5, "lvsd": 7.5, "l2vsd": 7.5, "asd": 7.5, "sdi": 7.5}}
 SCORE_LR = {"analytic": 1e-3, "stable_diffusion": 1e-4}  # the VSD family's score-model optimizer
+# (generator.fused_mlp, renderer.skip_empty_space): the render fast path, on where its quality was measured
+FAST_PATH = {("analytic", "hyper_ingp"): (True, True)}
 # the VSD family's score model: (target class, the node's keys) as the per-pair files gave them (issue 16)
 SCORE_MODEL = {"analytic": ("SmallUNetScoreModel", {"in_channels": 3, "resolution": 32, "cond_dim": 1024,
                                                      "base_channels": 32, "channel_mults": [1, 2],
@@ -67,6 +69,8 @@ def test_every_shipped_combination_composes_to_the_pinned_settings(tmp_path, pri
             cfg = compose(tmp_path, tmp_path, "data.num_train_prompts=24", f"prior={prior}",
                           f"generator={generator}", f"guidance={guidance}", tiny=False)
             g = cfg.guidance
+            fast = (cfg.generator.get("fused_mlp", False), cfg.renderer.skip_empty_space)
+            assert fast == FAST_PATH.get((prior, generator), (False, False)), where
             assert scale_of(g) == CFG[prior][guidance], where
             assert cfg.renderer.bound_radius == generator_bound(cfg) == SCENE_BOUND[prior], where
             assert effective_density(cfg) == "volsdf", where
@@ -112,6 +116,7 @@ def test_paper_experiments_compose_to_the_pinned_settings(tmp_path, name):
     bound, capacity, lr, cfg_scale = EXPERIMENT_SETTINGS[name]
     assert cfg.renderer.bound_radius == generator_bound(cfg) == bound
     assert effective_density(cfg) == "volsdf"  # ScaleDreamer §4.1 / the papers: VolSDF
+    assert (cfg.generator.get("fused_mlp", False), cfg.renderer.skip_empty_space) == (False, False)  # not measured there
     if "encoding" in cfg.generator:
         e = cfg.generator.encoding
         assert (e.n_levels, e.log2_hashmap_size, e.base_resolution, e.per_level_scale) == capacity

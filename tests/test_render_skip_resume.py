@@ -13,7 +13,8 @@ def _generator_state(ckpt_path) -> dict:
     return {k: v for k, v in state.items() if k.startswith("model.generator.")}
 
 
-@pytest.mark.parametrize("mlp", [[], ["+generator.fused_mlp=true"]], ids=["two_head_mlp", "fused_mlp"])
+@pytest.mark.parametrize("mlp", [["generator.fused_mlp=false"], ["generator.fused_mlp=true"]],
+                         ids=["two_head_mlp", "fused_mlp"])
 def test_resume_with_empty_space_skipping_matches_uninterrupted_run(tmp_path, cache_dir, mlp):
     common = ["trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=3", "trainer.val_check_interval=3",
               "renderer.skip_empty_space=true", *mlp]

@@ -232,6 +232,6 @@ def test_a_run_recorded_before_the_switch_resumes_as_the_dense_path():
 
     recorded = {"generator": {"_target_": "amortized3d.generators.ingp.IngpGenerator", "num_particles": 1}}
     assert migrate_config(recorded, 1).config["generator"]["sparse_updates"] is False
-    current = {"generator": {**recorded["generator"], "sparse_updates": False}}
+    current = {"generator": {**recorded["generator"], "sparse_updates": False, "fused_mlp": False}}  # ingp.yaml's
     meta = {"path": "old.ckpt", "config": recorded, "config_version": 1, "global_step": 0}
     assert compare_resume(meta, current, None) == {"changed": {}, "forced": []}

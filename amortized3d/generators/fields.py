@@ -27,9 +27,9 @@ class HashGridField:
     ``w[b]`` of every [B,out,in] weight tensor; all B fields are evaluated in one pass. ``table``
     (optional): the encoding reads these instances' rows instead of its own (a step's working set).
 
-    ``fused_mlp`` (off by default, see HyperIngpGenerator) evaluates both heads as one network in cache-sized chunks
+    ``fused_mlp`` (False by default here; on in the analytic hyper_ingp config, see HyperIngpGenerator) evaluates both heads as one network in cache-sized chunks
     (:func:`~amortized3d.generators.mlp.chunked_mlp` on :func:`~amortized3d.generators.mlp.fuse_heads`;
-    2-3x faster forward+backward on CPU); False (default) keeps the previous two
+    2-3x faster forward+backward on CPU); False keeps the previous two
     :func:`~amortized3d.generators.mlp.batched_mlp` passes (equal within fp32 rounding; tests).
     """
 

@@ -85,9 +85,10 @@ class HyperIngpGenerator(Generator):
         self.sdf_bias: SdfBias = sdf_bias
         self.sdf_bias_radius = sdf_bias_radius
         # True: both heads as one chunked network (fields.HashGridField; 2-3x faster MLPs on CPU,
-        # equal to the two-head path to 1e-10 in float64). Off by default: one 300-step quickstart
-        # with it (and skipping off) ended at R@1 0.69 (docs/results.md, session 7) and it has not
-        # been re-run on idle cores; with renderer.skip_empty_space it reached 1.000 / 0.926.
+        # equal to the two-head path in float64, also over whole training runs: tests/test_mlp.py).
+        # False here; the configs turn it on where quality over seeds was measured
+        # (configs/prior_generator/analytic_hyper_ingp.yaml). In fp32 either path's run is one draw of
+        # a process chaotic in rounding (docs/results.md, session 8).
         self.fused_mlp = bool(fused_mlp)
 
     def generate_weights(self, text_emb: Tensor) -> Tensor:
