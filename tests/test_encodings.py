@@ -264,3 +264,57 @@ def test_fused_path_under_autocast_matches_the_old_path():
         outs.append((out.float(), enc.table.grad))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=2e-2, atol=2e-1)
+
+
+@pytest.mark.parametrize("features", [2, 3])
+def test_dense_index_add_backward_matches_reference_and_grid_sample(features):
+    """Points without gradient (every render): the dense levels' table gradient comes from
+    _DenseLevels' index_add_ backward; equal to the loop reference (float64) and to grid_sample's own
+    backward (float32, summation order only), values bit-equal to grid_sample's."""
+    torch.manual_seed(7)
+    small = {**SMALL, "n_features_per_level": features, "log2_hashmap_size": 12}  # levels 0-2 dense
+    new = HashGridEncoding(**{**small, "implementation": "torch"}).double()
+    with torch.no_grad():
+        new.table.normal_()
+    assert new._dense.tolist() == [True, True, True, False, False, False]
+    x = (torch.rand(3, 700, 3, dtype=torch.float64) * 2 - 1) * 1.7  # some points outside the bound
+    upstream = torch.randn(3, 700, 6 * features, dtype=torch.float64)
+    table_ref = new.table.detach().clone().requires_grad_()
+    out = new(x)
+    assert _graph_has(out, "_DenseLevelsBackward")
+    (out * upstream).sum().backward()
+    ref = naive_hash_grid_reference(x, table_ref, None, **small)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new.table.grad, table_ref.grad, rtol=1e-12, atol=1e-12)
+
+    fp32 = [HashGridEncoding(**{**small, "implementation": "torch", "dense_backward": m}) for m in
+            ("index_add", "grid_sample")]
+    fp32[1].load_state_dict(fp32[0].state_dict())
+    with torch.no_grad():
+        fp32[0].table.copy_(new.table.float())
+        fp32[1].table.copy_(new.table.float())
+    outs = [enc(x.float()) for enc in fp32]
+    assert torch.equal(outs[0], outs[1])
+    assert _graph_has(outs[0], "_DenseLevelsBackward") and not _graph_has(outs[1], "_DenseLevelsBackward")
+    for o in outs:
+        (o * upstream.float()).sum().backward()
+    torch.testing.assert_close(fp32[0].table.grad, fp32[1].table.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_backward_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="dense_backward"):
+        HashGridEncoding(implementation="torch", dense_backward="scatter")
+
+
+def _graph_has(out: torch.Tensor, name: str) -> bool:
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == name:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False

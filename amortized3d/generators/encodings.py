@@ -13,8 +13,9 @@ per-prompt iNGP) its own tables while keeping a single batched gather.
 The default torch path (``fused=True``) gathers all table-indexed levels at once in
 level-major order through a custom autograd.Function that saves only int32 rows and weights
 and accumulates the table gradient with one ``index_add_``; dense levels of a shared table use
-``grid_sample`` (one batch for all fields). The same code runs on CPU and CUDA (measured on CPU
-only). ``fused=False`` keeps the previous autograd path for comparison.
+``grid_sample`` (one batch for all fields) forward and, when the points need no gradient (renders),
+a 1D ``index_add_`` backward for the table (``dense_backward``; grid_sample's CPU 3D backward is a
+scalar loop). The same code runs on CPU and CUDA (measured on CPU only). ``fused=False`` keeps the previous autograd path for comparison.
 
 tiny-cuda-nn is optional and imported lazily: importing this module needs neither CUDA nor
 tinycudann. Its HashGrid parameterises resolutions slightly differently (scale
@@ -77,6 +78,7 @@ class HashGridEncoding(nn.Module):
         init_std: float = 1e-4,
         dense_levels: str = "grid_sample",
         fused: bool = True,
+        dense_backward: str = "index_add",
     ) -> None:
         super().__init__()
         if implementation not in ("auto", "torch", "tcnn"):
@@ -100,6 +102,13 @@ class HashGridEncoding(nn.Module):
         # for backward, table gradient by one index_add_); False: the previous autograd path,
         # kept for comparison (scripts/benchmark.py) and as a fallback.
         self.fused = bool(fused)
+        if dense_backward not in ("index_add", "grid_sample"):
+            raise ValueError(f"dense_backward must be 'index_add' or 'grid_sample', got {dense_backward!r}")
+        # The table gradient of the grid_sample'd dense levels (fused path, shared table, points without
+        # gradient, i.e. every render): "index_add" scatters all levels' corner weights in one 1D
+        # index_add_ (3-4x faster on CPU than grid_sample's scalar 3D backward, equal to rounding);
+        # "grid_sample": its own backward, the path before session 9, kept for comparison.
+        self.dense_backward = dense_backward
         self.output_dim = n_levels * n_features_per_level
         self.implementation: str = self._resolve(implementation)
         if self.implementation == "tcnn":
@@ -270,7 +279,9 @@ class HashGridEncoding(nn.Module):
         feat = self.n_features_per_level
         u = self.normalize(x).reshape(b * n, 3)
         dense = self._dense.tolist()
-        parts: list[Tensor | None] = [None] * self.n_levels
+        # Level blocks [BN, l, F] joined by ONE cat: a per-level select of a stacked output would
+        # zero-fill the whole [l, BN, F] gradient once per level in backward.
+        blocks: list[Tensor] = []
         flat = table.reshape(-1, feat)
         first = 0  # first gathered level; dense levels come first (resolutions increase)
         if self.dense_levels == "grid_sample" and self.num_instances == 1 and any(dense):
@@ -278,10 +289,14 @@ class HashGridEncoding(nn.Module):
             # of a slice per level (each slice's backward would zero-fill a full-size table).
             first = sum(dense)
             sizes = [int((self._res[lv] + 1) ** 3) for lv in range(first)]
-            pieces = table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
-            for level in range(first):
-                parts[level] = self._dense_level_fused(u, pieces[level], level)
-            flat = pieces[-1]
+            if self.dense_backward == "index_add" and not u.requires_grad:
+                # Same grid_sample forward; the table gradient by index_add_ (see _DenseLevels).
+                dense_rows, flat = table[0].split([sum(sizes), self.rows_per_instance - sum(sizes)], dim=0)
+                blocks.append(_DenseLevels.apply(dense_rows, u, self._res[:first].tolist()))
+            else:
+                pieces = table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
+                blocks.append(torch.stack([self._dense_level_fused(u, pieces[lv], lv) for lv in range(first)], dim=1))
+                flat = pieces[-1]
         if first < self.n_levels:
             rows, weight = [], []
             for hashed in (False, True):
@@ -297,10 +312,9 @@ class HashGridEncoding(nn.Module):
             if instance_ids is not None and self.num_instances > 1:
                 start = (instance_ids.long() * self.rows_per_instance).repeat_interleave(n)
                 rows_all = rows_all + start.to(rows_all.dtype)[None, :, None]
-            out = _InterpolateRows.apply(flat, rows_all, weight_all)      # [l, BN, F]
-            for i, level in enumerate(range(first, self.n_levels)):
-                parts[level] = out[i]
-        return torch.stack(parts, dim=1).reshape(b, n, self.output_dim)   # type: ignore[arg-type]
+            blocks.append(_InterpolateRows.apply(flat, rows_all, weight_all).transpose(0, 1))  # [BN, l, F]
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return out.reshape(b, n, self.output_dim)
 
     def _rows_and_weights(self, u: Tensor, levels: Tensor, hashed: bool) -> tuple[Tensor, Tensor]:
         """Rows [l, M, 8] (int64, with level offsets) and trilinear weights [l, M, 8] of u [M, 3]."""
@@ -382,6 +396,66 @@ class _InterpolateRows(torch.autograd.Function):
             feats = table.index_select(0, rows.reshape(-1)).view(*rows.shape, table.shape[-1])
             grad_weight = torch.matmul(feats.to(grad.dtype), grad.unsqueeze(-1)).squeeze(-1)
         return grad_table, None, grad_weight
+
+
+class _DenseLevels(torch.autograd.Function):
+    """The dense levels of a shared table: grid_sample forward, a scatter backward for the table.
+
+    ``rows`` [R, F] holds the levels' vertex rows one after another ((n+1)^3 each, row
+    ``x + y (n+1) + z (n+1)^2``), ``u`` [M, 3] in [0, 1] has no gradient. The forward is exactly
+    :meth:`HashGridEncoding._dense_level_fused` per level (one vectorised kernel each), so the values
+    are bit-equal to the grid_sample path. On CPU grid_sample's 3D backward is a scalar loop over
+    points x corners x features (~50% of the quickstart's fused training render in a profile); here the
+    corners and trilinear weights of all levels are rebuilt from ``u`` and the table gradient is ONE
+    1D index_add_ per feature into feature planes (the 1D index_add_ is a tight loop, the [R, F] one
+    ~2x slower). Only ``u`` is saved. Equal to grid_sample's
+    gradient up to the summation order (tests/test_encodings.py).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, u: Tensor, res: list[int]) -> Tensor:  # type: ignore[override]
+        feat = rows.shape[-1]
+        sizes = [(n + 1) ** 3 for n in res]
+        grid = (u * 2.0 - 1.0).view(1, u.shape[0], 1, 1, 3)
+        out = []
+        for n, piece in zip(res, rows.split(sizes, dim=0)):
+            vol = piece.view(1, n + 1, n + 1, n + 1, feat).permute(0, 4, 1, 2, 3).to(u.dtype)
+            level = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            out.append(level.view(feat, u.shape[0]).t())
+        ctx.save_for_backward(u)
+        ctx.res, ctx.rows_shape, ctx.rows_dtype = res, rows.shape, rows.dtype
+        return torch.stack(out, dim=1)                                     # [M, L, F]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # No [L, 8, M] corner tensor is built (at this size every full-size pass costs as much as the
+        # scatter itself): per level, corner and feature ONE 1D index_add_ of M values whose index is the
+        # cell's base row; the corner offset shifts the target view instead of the index.
+        (u,) = ctx.saved_tensors
+        total, feat = ctx.rows_shape
+        planes = torch.zeros(feat, total, dtype=ctx.rows_dtype, device=u.device)  # feature-major gradient
+        ut = u.t()                                                          # [3, M]
+        grad_t = grad.to(ctx.rows_dtype).permute(1, 2, 0).contiguous()      # [L, F, M]
+        itype = torch.int32 if total < 2**31 else torch.long  # int32 index arithmetic where rows fit
+        offset = 0
+        for level, n in enumerate(ctx.res):
+            pos = ut * n                                                    # [3, M]
+            cell = torch.clamp(pos.floor(), max=n - 1)
+            frac = (pos - cell).to(ctx.rows_dtype)
+            stride = (1, n + 1, (n + 1) ** 2)
+            ci = cell.to(itype)
+            base = ci[0] + ci[1] * stride[1] + ci[2] * stride[2]            # [M]
+            w = (1.0 - frac, frac)                                          # per dimension: weight of end 0 / 1
+            for f in range(feat):
+                gx = [w[e][0] * grad_t[level, f] for e in (0, 1)]            # x weight x upstream gradient
+                for cz in (0, 1):
+                    for cy in (0, 1):
+                        wzy = w[cz][2] * w[cy][1]
+                        for cx in (0, 1):
+                            start = offset + cz * stride[2] + cy * stride[1] + cx
+                            planes[f, start:].index_add_(0, base, wzy * gx[cx])
+            offset += (n + 1) ** 3
+        return planes.t(), None, None
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:
