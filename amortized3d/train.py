@@ -152,7 +152,8 @@ def train(cfg: DictConfig) -> dict:
         trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False)
     metrics: dict = {}
     if trainer.is_global_zero:
-        metrics = evaluate_run(system.model, build_world(cfg), corpus, cfg.evaluation, output_dir)
+        metrics = evaluate_run(system.model, build_world(cfg), corpus, cfg.evaluation, output_dir,
+                               cache_dir=OmegaConf.select(cfg, "paths.cache_dir"))
         metrics["training"] = {"steps": system.batch_index, "generator_updates": trainer.global_step,
                                "nonfinite_steps": system.nonfinite_steps,
                                "seconds_per_step": statistics.median(timer.seconds[1:] or timer.seconds or [0.0]),

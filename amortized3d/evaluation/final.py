@@ -28,11 +28,12 @@ from amortized3d.model import AmortizedModel
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(model: AmortizedModel, world, corpus, cfg: Any, output_dir: Path) -> dict:
+def evaluate_run(model: AmortizedModel, world, corpus, cfg: Any, output_dir: Path, cache_dir: str | None = None) -> dict:
     """``world``: the run's ground truth (None: no scorer); ``cfg``: the run's ``evaluation:`` node
-    (orbit settings, splits, videos, video_fps)."""
+    (orbit settings, splits, videos, video_fps); ``cache_dir``: where the oracle's references are cached."""
     orbit = Orbit.from_settings(cfg, model.renderer)
-    scorer = OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake) if world else None
+    scorer = (OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake, cache_dir)
+              if world else None)
     video_list = model.renderable(corpus.unique(cfg.videos)) if cfg.get("videos") else []
     if scorer is None:
         prompts_by_split = {}

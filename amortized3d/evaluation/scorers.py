@@ -52,9 +52,11 @@ class OracleScorer:
 
     name = "oracle"
 
-    def __init__(self, world, all_prompts: Sequence[str], cameras, renderer, bake: tuple[int, float] | None):
+    def __init__(self, world, all_prompts: Sequence[str], cameras, renderer, bake: tuple[int, float] | None,
+                 cache_dir: str | Path | None = None):
         self.world = world
-        self.references, self.objects = oracle_references(world, all_prompts, cameras, renderer, bake)
+        self.references, self.objects = oracle_references(world, all_prompts, cameras, renderer, bake,
+                                                          None if cache_dir is None else str(cache_dir))
 
     def score(self, index: int, prompt: str, renders: Tensor) -> dict[str, Tensor]:
         from amortized3d.scenes.open_world import prompt_objects
@@ -103,5 +105,5 @@ def build_scorer(cfg: Any, *, candidates: Sequence[str], corpus, world, orbit,
                              "(world: null); use evaluator=clip")
         from amortized3d.evaluation.oracle import corpus_prompts
 
-        return OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake)
+        return OracleScorer(world, corpus_prompts(corpus), orbit.cameras, orbit.renderer, orbit.bake, cache_dir)
     raise ValueError(f"unknown evaluator {name!r}; valid evaluators: {', '.join(EVALUATORS)}")

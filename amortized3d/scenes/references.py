@@ -101,6 +101,38 @@ def _load_cached(path: Path, shape: tuple[int, ...]) -> Tensor | None:
     return images
 
 
+#: Modules whose code produces the cached renders: their source is part of every cache key, so a change
+#: to the renderer or the world re-renders instead of reading stale images.
+RENDER_SOURCES = ("rendering/volume_renderer.py", "rendering/densities.py", "rendering/sampling.py",
+                  "rendering/baked.py", "rendering/backgrounds.py", "scenes/primitives.py", "scenes/open_world.py",
+                  "cameras.py")
+
+
+def _render_source_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for name in RENDER_SOURCES:
+        path = root / name
+        h.update(name.encode() + (path.read_bytes() if path.exists() else b""))
+    return h.hexdigest()[:20]
+
+
+def cached_renders(world: PrimitivesWorld, payload: Mapping[str, Any], cache_dir: str | Path, shape: tuple[int, ...],
+                   render, what: str) -> Tensor:
+    """``render()`` [shape], cached at ``cache_dir/references/<world>-<key>.pt`` (key: ``payload`` + the
+    render code's digest); a damaged or mismatching file is re-rendered, a failed write only logged."""
+    key = _cache_key({**payload, "source": _render_source_digest()})
+    path = Path(cache_dir) / "references" / f"{world.name}-{what.replace(' ', '_')}-{key}.pt"
+    images = _load_cached(path, shape) if path.exists() else None
+    if images is None:
+        images = render()
+        try:
+            save_torch(images, path)
+        except OSError as err:  # e.g. a full disk: the renders are good, only the cache is lost
+            log.warning("could not write the %s cache %s (%s); continuing with the renders in memory", what, path, err)
+    return images
+
+
 def build_reference_set(world: PrimitivesWorld | str, views_per_object: int, resolution: int,
                         camera: Mapping[str, Any], cache_dir: str | None, seed: int) -> ReferenceSet:
     world = get_world(world) if isinstance(world, str) else world
