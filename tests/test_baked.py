@@ -46,3 +46,25 @@ def test_baked_generator_field_matches_direct_queries(skip_empty_space):
     cams = CameraBatch.cat([orbit_cameras(3, 24)] * 2)
     with torch.no_grad():
         assert psnr(renderer(field, cams).rgb, renderer(baked, cams).rgb) > 35.0
+
+
+def test_gather_lookup_equals_grid_sample_lookup():
+    """BakedField's default 1D-gather trilinear lookup is grid_sample's (bilinear, border,
+    align_corners=True) to float rounding, inside and outside the grid and exactly on vertices."""
+    torch.manual_seed(1)
+    world = PrimitivesWorld()
+    field = world.field(torch.tensor([world.object_id("torus", "blue"), world.object_id("cube", "red")]))
+    fast, ref = BakedField(field, resolution=24, bound=1.0), BakedField(field, resolution=24, bound=1.0,
+                                                                         lookup="grid_sample")
+    assert torch.equal(fast.volume, ref.volume)
+    axis = torch.linspace(-1.0, 1.0, 24)
+    vertices = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)[:, ::7]
+    pts = torch.cat([torch.rand(2, 3000, 3) * 2.6 - 1.3, vertices.expand(2, -1, -1),
+                     torch.tensor([[[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [2.0, -3.0, 0.5]]]).expand(2, -1, -1)], dim=1)
+    for a, b in zip(fast.query(pts), ref.query(pts)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cams = CameraBatch.cat([orbit_cameras(3, 16)] * 2)
+    renderer = VolumeRenderer(num_samples=16, num_importance=16, bound_radius=1.0).eval()
+    torch.testing.assert_close(renderer(fast, cams).rgb, renderer(ref, cams).rgb, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lookup"):
+        BakedField(field, resolution=8, lookup="nearest")

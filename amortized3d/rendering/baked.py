@@ -19,9 +19,14 @@ class BakedField:
     """``Field`` protocol over a [B, 4, R, R, R] grid of (geometry, albedo) on [-bound, bound]^3."""
 
     def __init__(self, field: Field, resolution: int = 96, bound: float = 1.0, chunk: int = 262144,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", lookup: str = "gather"):
+        if lookup not in ("gather", "grid_sample"):
+            raise ValueError(f"lookup must be 'gather' or 'grid_sample', got {lookup!r}")
         self.kind = field.kind
         self.bound = float(bound)
+        # gather: trilinear lookup from 1D gathers of each channel plane (_lerp_planes; 2.5-3x faster
+        # than grid_sample's 3D kernel on CPU, equal to rounding); grid_sample: the path before session 9.
+        self.lookup = lookup
         axis = torch.linspace(-self.bound, self.bound, resolution, device=device)
         # grid_sample's volume is indexed [z, y, x] and its coordinates are (x, y, z)
         z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
@@ -44,8 +49,41 @@ class BakedField:
 
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
         b, n, _ = points.shape
-        grid = (points / self.bound).reshape(b, n, 1, 1, 3).to(self.volume)
-        out = F.grid_sample(self.volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        if self.lookup == "gather":
+            out = torch.stack([_lerp_planes(self.volume[i], (points[i] / self.bound).to(self.volume))
+                               for i in range(b)])
+        else:
+            grid = (points / self.bound).reshape(b, n, 1, 1, 3).to(self.volume)
+            out = F.grid_sample(self.volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
         out = out.reshape(b, 4, n)
         return out[:, 0], out[:, 1:].transpose(1, 2)
+
+
+def _lerp_planes(volume: Tensor, coords: Tensor) -> Tensor:
+    """grid_sample(volume [C, R, R, R], coords [N, 3] in [-1, 1] as (x, y, z), bilinear, border,
+    align_corners=True) -> [C, N], from 1D gathers.
+
+    Per channel plane (a contiguous 1D view) the 8 corners are 8 ``index_select``s of the cells' base
+    index into views shifted by each corner's offset (a tight 1D loop), combined by 7 lerps over
+    contiguous N-vectors; the base index and fractions are computed once for all channels.
+    """
+    c, r = volume.shape[0], volume.shape[-1]
+    pos = ((coords.t() + 1.0) * 0.5 * (r - 1)).clamp(0, r - 1)           # [3, N]: border padding
+    cell = torch.clamp(pos.floor(), max=r - 2)
+    frac = pos - cell
+    index = cell.long()
+    base = index[0] + index[1] * r + index[2] * (r * r)
+    fx, fy, fz = frac[0], frac[1], frac[2]
+    planes = volume.reshape(c, -1)
+    out = torch.empty(c, coords.shape[0], dtype=volume.dtype, device=volume.device)
+    for ch in range(c):
+        plane = planes[ch]
+
+        def at(offset: int) -> Tensor:
+            return plane[offset:].index_select(0, base)
+
+        y0 = torch.lerp(torch.lerp(at(0), at(1), fx), torch.lerp(at(r), at(r + 1), fx), fy)
+        y1 = torch.lerp(torch.lerp(at(r * r), at(r * r + 1), fx), torch.lerp(at(r * r + r), at(r * r + r + 1), fx), fy)
+        out[ch] = torch.lerp(y0, y1, fz)
+    return out
 
