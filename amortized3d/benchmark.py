@@ -19,6 +19,7 @@ from amortized3d.cameras import CameraBatch, orbit_cameras
 from amortized3d.evaluation.orbit import Orbit
 from amortized3d.generators.conv3d import Conv3dGenerator
 from amortized3d.generators.encodings import HashGridEncoding
+from amortized3d.rendering import baked
 from amortized3d.text.cache import EmbeddingCache
 from amortized3d.text.clip import CLIPTextEncoder
 
@@ -51,7 +52,8 @@ HASH_GRID_SETTINGS: dict[str, dict] = {
 def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
                     settings: Sequence[str] = ("quickstart", "paper"), memory: bool = True) -> list[dict]:
     """Forward+backward (table gradient) of the torch hash grid: the fused path (default) vs the
-    previous autograd path (``fused=False``), interleaved per setting. ``fields`` prompts share the
+    previous autograd path (``fused=False``) and session 8's fused path (the dense levels' grid_sample
+    backward, ``dense_backward="grid_sample"``), interleaved per setting. ``fields`` prompts share the
     grid (Hyper-iNGP), each querying ``num_points / fields`` points. Peak memory:
     :func:`peak_allocated_bytes`. (The loop reference is a test oracle, tests/hash_grid_reference.py.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +64,9 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
         x = (torch.rand(fields, num_points // fields, 3, device=device) * 2 - 1) * grid["bound"]
         new = HashGridEncoding(implementation="torch", **grid).to(device)
         old = HashGridEncoding(implementation="torch", fused=False, **grid).to(device)
+        s8 = HashGridEncoding(implementation="torch", dense_backward="grid_sample", **grid).to(device)
         old.load_state_dict(new.state_dict())
+        s8.load_state_dict(new.state_dict())
 
         def step(fn, module):
             def run():
@@ -72,6 +76,7 @@ def bench_hash_grid(num_points: int = 65536, rounds: int = 5, fields: int = 8,
             return run
 
         candidates = {"new: fused level-major gather": step(lambda: new(x), new),
+                      "session 8: fused, dense levels' grid_sample backward": step(lambda: s8(x), s8),
                       "old: autograd gather (fused=False)": step(lambda: old(x), old)}
         times = time_interleaved(candidates, rounds=rounds)
         base = times["old: autograd gather (fused=False)"]
@@ -176,7 +181,9 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     configured grid, two-head MLPs, no skipping: the default before session 8), "[fused mlp]" (the
     configured grid with ``fused_mlp=True``) and "[fused mlp + skip]" (also
     ``renderer.skip_empty_space``), each left out where it is the configured path; generators without
-    the MLP switch get "[skip]"; ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
+    the MLP switch get "[skip]"; "[session 8]": the configured paths with session 9's kernels off (the dense
+    levels' grid_sample backward, the baked grid's grid_sample lookup; "[old]" has them off too);
+    ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
     prompts = system.train_prompts[:views]
     res = int(cfg.system.resolution)
@@ -197,24 +204,27 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     gen = system.generator
     has_mlp_switch = hasattr(gen, "fused_mlp")
 
-    def configured(fn, fused: bool, fused_mlp: bool, skip: bool):
-        """The same system with the hash grid path, the MLP path and skipping set per call."""
+    def configured(fn, fused: bool, fused_mlp: bool, skip: bool, kernels: bool = True):
+        """The same system with the hash grid path, the MLP path, skipping and (``kernels``) session 9's
+        kernels (dense levels' index_add_ backward, baked gather lookup; False: grid_sample's) set per call."""
         def run():
-            before = ([g.fused for g in grids], getattr(gen, "fused_mlp", None),
-                      system.renderer.skip_empty_space, eval_renderer.skip_empty_space)
+            before = ([(g.fused, g.dense_backward) for g in grids], getattr(gen, "fused_mlp", None),
+                      system.renderer.skip_empty_space, eval_renderer.skip_empty_space, baked.DEFAULT_LOOKUP)
             for g in grids:
-                g.fused = fused
+                g.fused, g.dense_backward = fused, ("index_add" if kernels else "grid_sample")
             if has_mlp_switch:
                 gen.fused_mlp = fused_mlp
             system.renderer.skip_empty_space = eval_renderer.skip_empty_space = skip
+            baked.DEFAULT_LOOKUP = "gather" if kernels else "grid_sample"
             try:
                 return fn()
             finally:
-                for g, f in zip(grids, before[0]):
-                    g.fused = f
+                for g, (f, d) in zip(grids, before[0]):
+                    g.fused, g.dense_backward = f, d
                 if has_mlp_switch:
                     gen.fused_mlp = before[1]
-                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[2:]
+                system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[2:4]
+                baked.DEFAULT_LOOKUP = before[4]
         return run
 
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
@@ -223,12 +233,15 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     if compare:  # + the previous paths and skipping on, each row's variants next to each other
         now = (all(g.fused for g in grids), bool(getattr(gen, "fused_mlp", False)))
         skip_now = system.renderer.skip_empty_space
-        variants = {"[old]": (False, False, False), "": (*now, skip_now), "[two-head mlp]": (now[0], False, False),
-                    "[fused mlp]": (now[0], True, False), "[fused mlp + skip]": (now[0], True, True)}
+        old_path = (False, False, False, False)
+        variants = {"[old]": old_path, "": (*now, skip_now, True), "[session 8]": (*now, skip_now, False),
+                    "[two-head mlp]": (now[0], False, False, True),
+                    "[fused mlp]": (now[0], True, False, True), "[fused mlp + skip]": (now[0], True, True, True)}
         if not has_mlp_switch:  # e.g. 3DConv-net: no generated MLP heads to fuse
-            variants = {"[old]": (False, False, False), "": (*now, skip_now), "[skip]": (*now, True)}
+            variants = {"[old]": old_path, "": (*now, skip_now, True), "[session 8]": (*now, skip_now, False),
+                        "[skip]": (*now, True, True)}
         # A variant equal to the configured path would only time it twice.
-        variants = {k: v for k, v in variants.items() if k == "" or v != (*now, skip_now)}
+        variants = {k: v for k, v in variants.items() if k == "" or v != (*now, skip_now, True)}
         candidates = {f"{k} {v}".rstrip(): configured(fn, *flags) for k, fn in candidates.items()
                       for v, flags in variants.items()}
     times = time_interleaved(candidates, rounds=rounds)

@@ -15,11 +15,17 @@ from torch import Tensor
 from amortized3d.generators.base import Field
 
 
+#: The lookup of a BakedField built without ``lookup=`` (the evaluation's): "gather" (session 9) or
+#: "grid_sample" (before); a module setting so that scripts/benchmark.py can time both in one run.
+DEFAULT_LOOKUP = "gather"
+
+
 class BakedField:
     """``Field`` protocol over a [B, 4, R, R, R] grid of (geometry, albedo) on [-bound, bound]^3."""
 
     def __init__(self, field: Field, resolution: int = 96, bound: float = 1.0, chunk: int = 262144,
-                 device: torch.device | str = "cpu", lookup: str = "gather"):
+                 device: torch.device | str = "cpu", lookup: str | None = None):
+        lookup = DEFAULT_LOOKUP if lookup is None else lookup
         if lookup not in ("gather", "grid_sample"):
             raise ValueError(f"lookup must be 'gather' or 'grid_sample', got {lookup!r}")
         self.kind = field.kind
