@@ -24,6 +24,7 @@ torch table; the resolved backend is therefore stored in the checkpoint (extra s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -32,6 +33,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from amortized3d.threads import single_thread
 
 Implementation = Literal["auto", "torch", "tcnn"]
 
@@ -432,6 +435,13 @@ class _DenseLevels(torch.autograd.Function):
         # scatter itself): per level, corner and feature ONE 1D index_add_ of M values whose index is the
         # cell's base row; the corner offset shifts the target view instead of the index.
         (u,) = ctx.saved_tensors
+        # ~100 ops of M elements, each index_add_ serial anyway: on one intra-op thread (threads.py; with
+        # 2 OpenMP threads on the shared 2-core box every op's barrier waited for a time slice: 1.3x slower).
+        with single_thread() if u.device.type == "cpu" else contextlib.nullcontext():
+            return _DenseLevels._table_gradient(ctx, u, grad), None, None
+
+    @staticmethod
+    def _table_gradient(ctx, u: Tensor, grad: Tensor) -> Tensor:
         total, feat = ctx.rows_shape
         planes = torch.zeros(feat, total, dtype=ctx.rows_dtype, device=u.device)  # feature-major gradient
         ut = u.t()                                                          # [3, M]
@@ -455,7 +465,7 @@ class _DenseLevels(torch.autograd.Function):
                             start = offset + cz * stride[2] + cy * stride[1] + cx
                             planes[f, start:].index_add_(0, base, wzy * gx[cx])
             offset += (n + 1) ** 3
-        return planes.t(), None, None
+        return planes.t()
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:
