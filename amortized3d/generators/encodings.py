@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amortized3d.threads import single_thread
+from amortized3d.threads import run_pair, single_thread, split_in_two
 
 Implementation = Literal["auto", "torch", "tcnn"]
 
@@ -417,17 +417,29 @@ class _DenseLevels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: Tensor, u: Tensor, res: list[int]) -> Tensor:  # type: ignore[override]
-        feat = rows.shape[-1]
         sizes = [(n + 1) ** 3 for n in res]
+        pieces = rows.split(sizes, dim=0)
         grid = (u * 2.0 - 1.0).view(1, u.shape[0], 1, 1, 3)
-        out = []
-        for n, piece in zip(res, rows.split(sizes, dim=0)):
-            vol = piece.view(1, n + 1, n + 1, n + 1, feat).permute(0, 4, 1, 2, 3).to(u.dtype)
-            level = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
-            out.append(level.view(feat, u.shape[0]).t())
+
+        def levels(idx: range) -> list[Tensor]:
+            return [_DenseLevels._level(pieces[i], res[i], grid) for i in idx]
+
+        half = len(res) // 2
+        if half and split_in_two(u.device):  # the levels' two halves on two threads (threads.py)
+            low, high = run_pair(lambda: levels(range(half)), lambda: levels(range(half, len(res))))
+            out = low + high
+        else:
+            out = levels(range(len(res)))
         ctx.save_for_backward(u)
         ctx.res, ctx.rows_shape, ctx.rows_dtype = res, rows.shape, rows.dtype
         return torch.stack(out, dim=1)                                     # [M, L, F]
+
+    @staticmethod
+    def _level(piece: Tensor, n: int, grid: Tensor) -> Tensor:
+        feat = piece.shape[-1]
+        vol = piece.view(1, n + 1, n + 1, n + 1, feat).permute(0, 4, 1, 2, 3).to(grid.dtype)
+        level = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return level.view(feat, grid.shape[1]).t()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -435,37 +447,45 @@ class _DenseLevels(torch.autograd.Function):
         # scatter itself): per level, corner and feature ONE 1D index_add_ of M values whose index is the
         # cell's base row; the corner offset shifts the target view instead of the index.
         (u,) = ctx.saved_tensors
-        # ~100 ops of M elements, each index_add_ serial anyway: on one intra-op thread (threads.py; with
-        # 2 OpenMP threads on the shared 2-core box every op's barrier waited for a time slice: 1.3x slower).
-        with single_thread() if u.device.type == "cpu" else contextlib.nullcontext():
-            return _DenseLevels._table_gradient(ctx, u, grad), None, None
-
-    @staticmethod
-    def _table_gradient(ctx, u: Tensor, grad: Tensor) -> Tensor:
         total, feat = ctx.rows_shape
         planes = torch.zeros(feat, total, dtype=ctx.rows_dtype, device=u.device)  # feature-major gradient
-        ut = u.t()                                                          # [3, M]
         grad_t = grad.to(ctx.rows_dtype).permute(1, 2, 0).contiguous()      # [L, F, M]
-        itype = torch.int32 if total < 2**31 else torch.long  # int32 index arithmetic where rows fit
-        offset = 0
-        for level, n in enumerate(ctx.res):
-            pos = ut * n                                                    # [3, M]
-            cell = torch.clamp(pos.floor(), max=n - 1)
-            frac = (pos - cell).to(ctx.rows_dtype)
-            stride = (1, n + 1, (n + 1) ** 2)
-            ci = cell.to(itype)
-            base = ci[0] + ci[1] * stride[1] + ci[2] * stride[2]            # [M]
-            w = (1.0 - frac, frac)                                          # per dimension: weight of end 0 / 1
-            for f in range(feat):
-                gx = [w[e][0] * grad_t[level, f] for e in (0, 1)]            # x weight x upstream gradient
-                for cz in (0, 1):
-                    for cy in (0, 1):
-                        wzy = w[cz][2] * w[cy][1]
-                        for cx in (0, 1):
-                            start = offset + cz * stride[2] + cy * stride[1] + cx
-                            planes[f, start:].index_add_(0, base, wzy * gx[cx])
-            offset += (n + 1) ** 3
-        return planes.t()
+        res = ctx.res
+        offsets = [sum((m + 1) ** 3 for m in res[:i]) for i in range(len(res))]
+
+        def scatter(idx: range) -> None:  # levels own disjoint rows: the halves never write the same row
+            for i in idx:
+                _DenseLevels._scatter_level(planes, u, grad_t[i], res[i], offsets[i])
+
+        half = len(res) // 2
+        if half and split_in_two(u.device):
+            run_pair(lambda: scatter(range(half)), lambda: scatter(range(half, len(res))))
+        else:
+            # ~100 ops of M elements, each index_add_ serial anyway: on one intra-op thread (with 2 OpenMP
+            # threads on the shared 2-core box every op's barrier waited for a time slice: 1.3x slower).
+            with single_thread() if u.device.type == "cpu" else contextlib.nullcontext():
+                scatter(range(len(res)))
+        return planes.t(), None, None
+
+    @staticmethod
+    def _scatter_level(planes: Tensor, u: Tensor, grad: Tensor, n: int, offset: int) -> None:
+        """planes[f, offset + row] += trilinear weight x grad[f] for one level (grad [F, M])."""
+        itype = torch.int32 if planes.shape[1] < 2**31 else torch.long  # int32 index arithmetic where rows fit
+        pos = u.t() * n                                                     # [3, M]
+        cell = torch.clamp(pos.floor(), max=n - 1)
+        frac = (pos - cell).to(planes.dtype)
+        stride = (1, n + 1, (n + 1) ** 2)
+        ci = cell.to(itype)
+        base = ci[0] + ci[1] * stride[1] + ci[2] * stride[2]                # [M]
+        w = (1.0 - frac, frac)                                              # per dimension: weight of end 0 / 1
+        for f in range(planes.shape[0]):
+            gx = [w[e][0] * grad[f] for e in (0, 1)]                         # x weight x upstream gradient
+            for cz in (0, 1):
+                for cy in (0, 1):
+                    wzy = w[cz][2] * w[cy][1]
+                    for cx in (0, 1):
+                        start = offset + cz * stride[2] + cy * stride[1] + cx
+                        planes[f, start:].index_add_(0, base, wzy * gx[cx])
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from amortized3d.threads import single_thread
+from amortized3d.threads import run_pair, single_thread, split_in_two
 
 Activation = Literal["relu", "silu"]
 LayerShape = tuple[int, int]  # (out_features, in_features), like nn.Linear.weight
@@ -146,6 +146,11 @@ class _ChunkedMLP(torch.autograd.Function):
     def forward(ctx, x: Tensor, activation: str, chunk: int, *weights: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, *weights)
         ctx.activation, ctx.chunk = activation, chunk
+        if x.shape[0] >= 2 and split_in_two(x.device):  # the fields' halves on two threads (threads.py)
+            h = x.shape[0] // 2
+            halves = run_pair(lambda: _ChunkedMLP._forward(x[:h], activation, chunk, [w[:h] for w in weights]),
+                              lambda: _ChunkedMLP._forward(x[h:], activation, chunk, [w[h:] for w in weights]))
+            return torch.cat(halves)
         with _one_thread(x):
             return _ChunkedMLP._forward(x, activation, chunk, weights)
 
@@ -170,19 +175,27 @@ class _ChunkedMLP(torch.autograd.Function):
     @once_differentiable  # the recomputing backward is not itself differentiable (no caller needs it)
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, *weights = ctx.saved_tensors
+        if x.shape[0] >= 2 and split_in_two(x.device):  # fields are independent: halves on two threads
+            h = x.shape[0] // 2
+            needs = ctx.needs_input_grad
+            a, b = run_pair(
+                lambda: _ChunkedMLP._backward(ctx, x[:h], [w[:h] for w in weights], grad_out[:h], needs),
+                lambda: _ChunkedMLP._backward(ctx, x[h:], [w[h:] for w in weights], grad_out[h:], needs))
+            return tuple(None if ga is None else torch.cat([ga, gb]) for ga, gb in zip(a, b))
         with _one_thread(x):
             return _ChunkedMLP._backward(ctx, x, weights, grad_out)
 
     @staticmethod
-    def _backward(ctx, x: Tensor, weights: Sequence[Tensor], grad_out: Tensor):
+    def _backward(ctx, x: Tensor, weights: Sequence[Tensor], grad_out: Tensor, needs_input_grad=None):
         activation, chunk = ctx.activation, ctx.chunk
+        needs = ctx.needs_input_grad if needs_input_grad is None else needs_input_grad
         b, n, d_in = x.shape
-        need_x = ctx.needs_input_grad[0]
+        need_x = needs[0]
         grad_x = torch.empty_like(x) if need_x else None
         # Weight gradients sum over all chunks: in fp32 when the MLP runs in half precision
         # (autocast), so ~100 chunk partials are not each rounded into a bf16/fp16 total.
         low = x.dtype in (torch.float16, torch.bfloat16)
-        grad_w = [torch.zeros_like(w, dtype=torch.float32 if low else w.dtype) if ctx.needs_input_grad[3 + i]
+        grad_w = [torch.zeros_like(w, dtype=torch.float32 if low else w.dtype) if needs[3 + i]
                   else None for i, w in enumerate(weights)]
         grad_out = grad_out.to(x.dtype)
         hidden = [w.shape[1] for w in weights[:-1]]
