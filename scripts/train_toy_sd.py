@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train (or restore from the cache) a toy Stable Diffusion of the primitives world and write it to --out.
 
-    python scripts/train_toy_sd.py --out DIR [--prediction-type epsilon|v_prediction] [--seed N]
+    python scripts/train_toy_sd.py --out DIR [--prediction-type epsilon|v_prediction] [--seed N] [--unet-steps N]
 
 DIR gets the SD-2.1 diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json),
 ``toy_sd.json`` (config, losses, seconds), ``quality.json`` and ``samples.png`` (amortized3d/toy_sd/quality.py).
@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory to write the model to")
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unet-steps", type=int, default=None,
+                        help="UNet + text encoder training steps (default: ToySDConfig's); a smaller budget is "
+                             "its own cached model (the R@1-against-toy-training-time curve, docs/results.md)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a loaded 2-core machine two threads spin-wait, 10x slower)")
     parser.add_argument("--no-quality", action="store_true", help="skip the quality measurement")
@@ -38,7 +41,8 @@ def main() -> None:
     from amortized3d.toy_sd.quality import measure
     from amortized3d.toy_sd.train import rich_progress
 
-    cfg = ToySDConfig(prediction_type=args.prediction_type, seed=args.seed)
+    budget = {} if args.unet_steps is None else {"unet_steps": args.unet_steps}
+    cfg = ToySDConfig(prediction_type=args.prediction_type, seed=args.seed, **budget)
     t0, c0 = time.time(), time.process_time()
     progress, stop = rich_progress()
     try:
