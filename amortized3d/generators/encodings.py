@@ -478,14 +478,13 @@ class _DenseLevels(torch.autograd.Function):
         ci = cell.to(itype)
         base = ci[0] + ci[1] * stride[1] + ci[2] * stride[2]                # [M]
         w = (1.0 - frac, frac)                                              # per dimension: weight of end 0 / 1
+        wzy = {(cz, cy): w[cz][2] * w[cy][1] for cz in (0, 1) for cy in (0, 1)}  # shared by the features
         for f in range(planes.shape[0]):
             gx = [w[e][0] * grad[f] for e in (0, 1)]                         # x weight x upstream gradient
-            for cz in (0, 1):
-                for cy in (0, 1):
-                    wzy = w[cz][2] * w[cy][1]
-                    for cx in (0, 1):
-                        start = offset + cz * stride[2] + cy * stride[1] + cx
-                        planes[f, start:].index_add_(0, base, wzy * gx[cx])
+            for (cz, cy), weight in wzy.items():
+                for cx in (0, 1):
+                    start = offset + cz * stride[2] + cy * stride[1] + cx
+                    planes[f, start:].index_add_(0, base, weight * gx[cx])
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:
