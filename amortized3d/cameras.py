@@ -136,9 +136,12 @@ def look_at_origin(elevation: Tensor, azimuth: Tensor, distance: Tensor) -> Tens
 
 def make_cameras(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor,
                  height: int, width: int | None = None) -> CameraBatch:
-    el, az = torch.deg2rad(elevation_deg.float()), wrap_angle(torch.deg2rad(azimuth_deg.float()))
-    dist = distance.float()
-    return CameraBatch(c2w=look_at_origin(el, az, dist), fovy=torch.deg2rad(fovy_deg.float()),
+    # torch's default dtype, not float32: Lightning's trainer.precision=64-true runs each step with it set to
+    # float64, and the rays (hence renders, latents, score-model inputs) follow the cameras' dtype.
+    dt = torch.get_default_dtype()
+    el, az = torch.deg2rad(elevation_deg.to(dt)), wrap_angle(torch.deg2rad(azimuth_deg.to(dt)))
+    dist = distance.to(dt)
+    return CameraBatch(c2w=look_at_origin(el, az, dist), fovy=torch.deg2rad(fovy_deg.to(dt)),
                        elevation=el, azimuth=az, distance=dist, height=height, width=width or height)
 
 
@@ -156,6 +159,6 @@ def sample_cameras(n: int, height: int, ranges: CameraRanges = CameraRanges(),
 def orbit_cameras(num_views: int = 120, height: int = 64, elevation_deg: float = 15.0,
                   distance: float = 1.5, fovy_deg: float = 70.0, width: int | None = None) -> CameraBatch:
     """The evaluation turntable: ``num_views`` azimuths evenly spaced over 360 deg, starting at front."""
-    az = torch.arange(num_views, dtype=torch.float32) * (360.0 / num_views)
+    az = torch.arange(num_views, dtype=torch.get_default_dtype()) * (360.0 / num_views)
     full = torch.ones(num_views)
     return make_cameras(full * elevation_deg, az, full * distance, full * fovy_deg, height, width)

@@ -185,6 +185,11 @@ def test_conv3d_z_draws_are_the_particles_of_the_diversity_block(tmp_path, cache
     again = evaluate(compose_task("evaluate", tmp_path / "ev", cache_dir, f"ckpt_path={ckpt}", "evaluator=oracle",
                                   "split=train"))
     assert again["diversity"] == div  # the same draws, rebuilt from the checkpoint's config
+    more = evaluate(compose_task("evaluate", tmp_path / "ev5", cache_dir, f"ckpt_path={ckpt}", "evaluator=oracle",
+                                 "split=train", "overrides=['generator.num_particles=5']"))
+    assert more["diversity"]["overall"]["num_particles"] == 5  # more z draws of the same trained generator
+    first = [p["object_id"] for p in more["diversity"]["per_prompt"]["a cube"]["particles"][:3]]
+    assert first == [p["object_id"] for p in cube["particles"]]  # z_0..z_2 are the draws measured above
     frames = [iio.imread(export(compose_task("export", tmp_path / "x", cache_dir, f"ckpt_path={ckpt}",
                                              "prompt=a cube", "format=gif", f"particle={i}",
                                              "render.resolution=16"))[0], index=None) for i in (0, 1)]
