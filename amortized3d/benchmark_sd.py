@@ -303,11 +303,17 @@ def _compose(overrides: Sequence[str]):
         return compose("train", overrides=list(overrides))
 
 
+#: Top-level config nodes a variant's ``@`` setting may name whole (anything else is under ``guidance.``).
+ABSOLUTE_NODES = ("generator", "renderer", "prior", "system", "trainer")
+
+
 def build_guidance_systems(model_dir: str | Path, guidances: Sequence[str], dtype: str, device: str,
                            overrides: Sequence[str] = (), cache_dir: str | Path | None = None) -> dict:
     """{guidance: (system, cfg)} around ONE Stable Diffusion prior loaded from ``model_dir``.
 
-    A guidance may carry its own settings after ``@``: ``l2vsd@jvp=exact`` (guidance.jvp=exact).
+    A guidance may carry its own settings after ``@``: ``l2vsd@jvp=exact`` (guidance.jvp=exact); a key under
+    another top-level node is given whole, e.g. ``sds@generator.fused_mlp=true,renderer.skip_empty_space=true``
+    (the render fast path next to the default one, in one interleaved run).
 
     Each system is what ``build.build_system`` builds from ``prior=stable_diffusion
     prior.pretrained_model_name_or_path=DIR guidance=<g>`` (generator hyper_ingp, 64 px renders
@@ -321,7 +327,8 @@ def build_guidance_systems(model_dir: str | Path, guidances: Sequence[str], dtyp
     prior, out = None, {}
     for g in guidances:
         name, _, options = g.partition("@")  # "l2vsd@jvp=exact,eta=0.1": that guidance with these settings
-        own = [f"guidance.{o}" for o in options.split(",") if o]
+        own = [o if o.split("=", 1)[0].split(".", 1)[0] in ABSOLUTE_NODES else f"guidance.{o}"
+               for o in options.split(",") if o]
         cfg = _compose([*base, f"guidance={name}", *own, *overrides])
         system, prior, _ = build_system(cfg, prior=prior)  # the first builds the prior, the others share it
         out[g] = (system, cfg)

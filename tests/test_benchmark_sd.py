@@ -1,6 +1,9 @@
 """The full-size SD benchmark's machinery, on the tests' tiny SD (the full size takes minutes per step)."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +48,18 @@ def test_sd_benchmark_rows_on_the_tiny_sd():
     assert by["vsd"]["relative_to_vsd"] == 1.0 and by["sds"]["relative_to_sds"] == 1.0
     table = format_table(rows)
     assert "step ÷ SD floor" in table and table.count("\n") == 1 + len(rows)
+
+
+def test_a_variant_may_set_keys_outside_the_guidance():
+    """``sds@renderer.skip_empty_space=true``: the render fast path timed next to the default path."""
+    from amortized3d.benchmark_sd import build_guidance_systems
+    from amortized3d.priors.sd_random import build_tiny_sd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_sd(Path(tmp) / "sd")
+        tiny = ["prior.model.vae_resolution=16", "prior.text_encoder.embedding_dim=32", "prior.render.resolution=16"]
+        systems = build_guidance_systems(model, ["sds", "sds@renderer.skip_empty_space=true,guidance_scale=3"],
+                                         "fp32", "cpu", tiny, cache_dir=tmp)
+        (default, _), (fast, cfg) = systems["sds"], systems["sds@renderer.skip_empty_space=true,guidance_scale=3"]
+        assert not default.renderer.skip_empty_space and fast.renderer.skip_empty_space
+        assert cfg.guidance.guidance_scale == 3  # a bare key is still the guidance's
