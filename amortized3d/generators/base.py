@@ -1,6 +1,8 @@
 """The generator interface: text (and optionally a latent z) in, a batched 3D field out."""
 from __future__ import annotations
 
+import abc
+
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -26,7 +28,7 @@ class Field(Protocol):
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
-class Generator(nn.Module):
+class Generator(nn.Module, abc.ABC):
     """Maps a batch of prompts to a batch of fields.
 
     ``text_emb`` [B,E] is the (cached) text embedding, ``prompt_ids`` [B] the indices of the
@@ -47,8 +49,9 @@ class Generator(nn.Module):
         """
         return None
 
+    @abc.abstractmethod
     def forward(self, text_emb: Tensor, prompt_ids: Tensor, z: Tensor | None = None) -> Field:  # noqa: D401
-        raise NotImplementedError("abstract: subclasses return a Field")
+        """The Field of each prompt of the batch."""
 
     def parameter_groups(self) -> list[dict]:
         """Optimizer parameter groups; subclasses override to give parts their own lr."""

@@ -7,6 +7,8 @@ it is updated); ``amortized3d.update_order`` is the one place that executes that
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -86,7 +88,7 @@ def expand_like(w: Tensor, x: Tensor) -> Tensor:
     return per_item(w, x).to(x.dtype)
 
 
-class Guidance(nn.Module):
+class Guidance(nn.Module, abc.ABC):
     """Base class: holds the prior, the timestep sampler and the loss weight schedule."""
 
     needs_normals: bool = False  # renders must carry normals in ``extras["normal"]`` (SDI convexity)
@@ -132,5 +134,6 @@ class Guidance(nn.Module):
     def weight(self, t: Tensor) -> Tensor:
         return timestep_weight(self.weighting, self.prior.alphas_cumprod, t)
 
+    @abc.abstractmethod
     def forward(self, inp: GuidanceInput) -> GuidanceOutput:  # noqa: D401
-        raise NotImplementedError("abstract: subclasses compute the distillation loss")
+        """The distillation loss of the renders in ``inp``."""

@@ -6,6 +6,7 @@ One classifier-free-guidance convention everywhere (diffusers):
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from amortized3d.priors.schedule import NoiseSchedule
 
 
-class Prior(nn.Module):
+class Prior(nn.Module, abc.ABC):
     """A frozen denoiser in some image space (pixels or VAE latents)."""
 
     schedule: NoiseSchedule
@@ -27,30 +28,30 @@ class Prior(nn.Module):
         return self.schedule.alphas_cumprod
 
     @property
+    @abc.abstractmethod
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of ``encode``'s output."""
-        raise NotImplementedError("abstract")
 
+    @abc.abstractmethod
     def encode(self, rgb: Tensor) -> Tensor:
         """Differentiable map of renders [N,3,H,W] in [0,1] to the prior's x0 space."""
-        raise NotImplementedError("abstract")
 
+    @abc.abstractmethod
     def decode(self, x0: Tensor) -> Tensor:
         """Map x0 back to images [N,3,h,w] in [0,1] (for visualisation and SDI)."""
-        raise NotImplementedError("abstract")
 
+    @abc.abstractmethod
     def text_condition(self, prompts: Sequence[str], view_labels: Sequence[str] | None = None) -> Any:
         """An opaque condition object for ``predict_noise`` (one entry per prompt)."""
-        raise NotImplementedError("abstract")
 
     def camera_condition(self, prompts: Sequence[str], cameras: Any) -> Any:
         """``text_condition`` for renders from ``cameras`` (a ``CameraBatch``): by default their view
         labels; priors that need more of the camera (SD's Perp-Neg: the azimuth) override it."""
         return self.text_condition(prompts, cameras.view_labels())
 
+    @abc.abstractmethod
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
         """Classifier-free-guided epsilon prediction at integer timesteps ``t`` [N]."""
-        raise NotImplementedError("abstract")
 
     def cond_uncond_eps(self, x_t: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
         """(conditional eps, unconditional eps); priors with a batched network override this with one pass."""
