@@ -24,17 +24,23 @@ from amortized3d.text.cache import EmbeddingCache
 from amortized3d.text.clip import CLIPTextEncoder
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured round-robin."""
+def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
+                     cpu: dict[str, float] | None = None) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin. ``cpu``: filled with the median
+    process-CPU seconds per call as well (what a loaded shared machine distorts least)."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in candidates}
+    cpu_samples: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             samples[name].append(time.perf_counter() - t0)
+            cpu_samples[name].append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.update({k: statistics.median(v) for k, v in cpu_samples.items()})
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

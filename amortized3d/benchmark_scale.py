@@ -262,30 +262,13 @@ def _ingp_step_row(n: int, batch: int, points: int, rounds: int, encoding: dict)
         gen = IngpGenerator(n, encoding, mlp_hidden=64, sparse_updates=name == "sparse")
         opt = build_optimizer(gen.parameter_groups(), {"name": "adam", "lr": 1e-3})
         steps[name] = _ingp_update(gen, opt, DivergenceGuard(), ids, x)
-    wall, cpu = _interleaved_wall_and_cpu(steps, rounds)
+    cpu: dict[str, float] = {}
+    wall = time_interleaved(steps, rounds, cpu=cpu)
     return {"benchmark": "per-prompt iNGP step", "variant": f"{n} prompts, batch {batch}, {points} points",
             "parameters": n * parameters_per_prompt(encoding, 64), "dense_s_per_step": wall["dense"],
             "sparse_s_per_step": wall["sparse"], "speedup": wall["dense"] / wall["sparse"],
             "dense_cpu_s_per_step": cpu["dense"], "sparse_cpu_s_per_step": cpu["sparse"],
             "cpu_speedup": cpu["dense"] / cpu["sparse"]}
-
-
-def _interleaved_wall_and_cpu(candidates: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall and process-CPU seconds per call, round-robin after one warm-up call each (CPU time is
-    what a loaded shared machine distorts least)."""
-    import statistics
-
-    for fn in candidates.values():
-        fn()
-    wall: dict[str, list[float]] = {k: [] for k in candidates}
-    cpu: dict[str, list[float]] = {k: [] for k in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def _ingp_update(gen, opt, guard, ids: torch.Tensor, x: torch.Tensor):
