@@ -59,7 +59,7 @@ def oracle_references(world, prompts: Sequence[str], cameras, renderer, bake: tu
     the quickstart's 30 objects x 120 views were ~20-40% of its end-of-run evaluation's CPU.
     """
     from amortized3d.cameras import CameraBatch
-    from amortized3d.scenes.references import cached_renders, render_objects
+    from amortized3d.scenes.references import cached_renders, oracle_cache_path, render_objects
 
     from amortized3d.scenes.open_world import prompts_objects
 
@@ -76,7 +76,8 @@ def oracle_references(world, prompts: Sequence[str], cameras, renderer, bake: tu
         payload = {"kind": "oracle", "world": repr(world), "objects": object_ids.tolist(),
                    "rays": _digest(origins, directions), "renderer": _settings(renderer), "bake": bake}
         shape = (len(all_cameras), 3, cameras.height, cameras.width)
-        references = cached_renders(world, payload, cache_dir, shape, render, "oracle reference")
+        references = cached_renders(oracle_cache_path(world, payload, cache_dir, "oracle reference"), shape, render,
+                                    "oracle reference")
     return references, object_ids.repeat_interleave(len(cameras))
 
 

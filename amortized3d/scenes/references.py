@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -117,19 +117,24 @@ def _render_source_digest() -> str:
     return h.hexdigest()[:20]
 
 
-def cached_renders(world: PrimitivesWorld, payload: Mapping[str, Any], cache_dir: str | Path, shape: tuple[int, ...],
-                   render, what: str) -> Tensor:
-    """``render()`` [shape], cached at ``cache_dir/references/<world>-<key>.pt`` (key: ``payload`` + the
-    render code's digest); a damaged or mismatching file is re-rendered, a failed write only logged."""
+def oracle_cache_path(world: PrimitivesWorld, payload: Mapping[str, Any], cache_dir: str | Path, what: str) -> Path:
+    """``cache_dir/references/<world>-<what>-<key>.pt``; the key hashes ``payload`` and the render code's digest."""
     key = _cache_key({**payload, "source": _render_source_digest()})
-    path = Path(cache_dir) / "references" / f"{world.name}-{what.replace(' ', '_')}-{key}.pt"
-    images = _load_cached(path, shape) if path.exists() else None
+    return Path(cache_dir) / "references" / f"{world.name}-{what.replace(' ', '_')}-{key}.pt"
+
+
+def cached_renders(path: Path | None, shape: tuple[int, ...], render: Callable[[], Tensor], what: str) -> Tensor:
+    """``render()`` [shape], cached at ``path`` (None: not cached); a damaged or mismatching file is
+    re-rendered, a failed write only logged."""
+    images = _load_cached(path, shape) if path is not None and path.exists() else None
     if images is None:
         images = render()
-        try:
-            save_torch(images, path)
-        except OSError as err:  # e.g. a full disk: the renders are good, only the cache is lost
-            log.warning("could not write the %s cache %s (%s); continuing with the renders in memory", what, path, err)
+        if path is not None:
+            try:
+                save_torch(images, path)
+            except OSError as err:  # e.g. a full disk: the renders are good, only the cache is lost
+                log.warning("could not write the %s cache %s (%s); continuing with the renders in memory (they "
+                            "will be rendered again next time)", what, path, err)
     return images
 
 
@@ -144,16 +149,12 @@ def build_reference_set(world: PrimitivesWorld | str, views_per_object: int, res
     object_ids = torch.arange(world.num_objects)
     cameras = reference_cameras(world.num_objects, views_per_object, resolution, ranges, seed)
     shape = (len(cameras), 3, resolution, resolution)
-    images = _load_cached(path, shape) if path is not None and path.exists() else None
-    if images is None:
+
+    def render() -> Tensor:
         log.info("rendering %d reference views of %d objects", len(cameras), world.num_objects)
-        images = render_objects(world, object_ids, cameras, VolumeRenderer(**renderer))
-        if path is not None:
-            try:
-                save_torch(images, path)
-            except OSError as err:  # e.g. a full disk: the renders are good, only the cache is lost
-                log.warning("could not write the reference cache %s (%s); continuing with the renders in "
-                            "memory (they will be rendered again next time)", path, err)
+        return render_objects(world, object_ids, cameras, VolumeRenderer(**renderer))
+
+    images = cached_renders(path, shape, render, "reference")
     return ReferenceSet(images=images, object_ids=object_ids.repeat_interleave(views_per_object),
                         view_ids=cameras.view_label_ids(), prompt_to_object=world.object_for_prompt,
                         object_sets=getattr(world, "object_sets", None))
