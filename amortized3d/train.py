@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from amortized3d.allocator import configure_cpu_allocator
 from amortized3d.atomic import atomic_write
 from amortized3d.build import build_system, load_run_corpus, resolved_config
 from amortized3d.checkpoint_io import AtomicCheckpointIO
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> dict:
     against this one (:mod:`amortized3d.run_guard`). Failures raise ``RunError``.
     """
     validate_config(cfg)
+    configure_cpu_allocator(str(cfg.get("cpu_allocator", "default")))
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = _checkpoint_dir(cfg, output_dir)
     ckpt_path = cfg.get("ckpt_path")
