@@ -266,6 +266,79 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     return rows
 
 
+#: bench_render_sd's variants: (generator.fused_mlp, renderer.skip_empty_space, generator.encoding.hashed_lookup).
+RENDER_SD_VARIANTS: dict[str, tuple[bool, bool, str]] = {
+    "new: fast path, corners lookup": (True, True, "corners"),
+    "session 9: fast path, rows lookup": (True, True, "rows"),
+    "SD config: no fast path, rows lookup": (False, False, "rows"),
+}
+
+
+def bench_render_sd(rounds: int = 3, overrides: Sequence[str] = (), resolution: int | None = None,
+                    variants: Sequence[str] = tuple(RENDER_SD_VARIANTS)) -> list[dict]:
+    """The training render at the Stable Diffusion prior's sizes without loading SD: hyper_ingp and the renderer
+    built from ``prior=stable_diffusion`` (64 px, 128 + 64 samples, a 128-sample no-grad proposal, scene bound 2,
+    the paper hash grid), one field (the SD benchmark's batch), one front orbit view; forward + backward of the
+    image's sum, and the no-grad proposal pass alone (``VolumeRenderer._proposal``), for each of
+    :data:`RENDER_SD_VARIANTS`, interleaved; ``speedup_vs_session9`` is the session-9 fast path's time over each
+    row's. The untrained field is the sdf bias's sphere of radius 0.5
+    (a stand-in for a field early in training: its occupancy, not its features, sets the skipped samples).
+    The process-wide CPU allocator (scripts/benchmark.py --cpu-allocator) is the same for every row."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from amortized3d.rendering.sampling import stratified_samples
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["prior=stable_diffusion", "generator=hyper_ingp", *overrides])
+    torch.manual_seed(0)
+    gen = instantiate(cfg.generator)
+    renderer = instantiate(cfg.renderer).train()
+    res = int(resolution or cfg.prior.render.resolution)
+    cams = orbit_cameras(1, res)
+    emb = torch.randn(1, int(cfg.generator.text_dim))
+    origins, directions = cams.rays()
+    origins, directions = origins.reshape(1, -1, 3), directions.reshape(1, -1, 3)
+    near, far = renderer.ray_bounds(origins, directions)
+    t = stratified_samples((1, origins.shape[1]), renderer.num_samples, near, far, jitter=True,
+                           rng=torch.Generator().manual_seed(0), dtype=origins.dtype)
+
+    def configured(fn, fused_mlp: bool, skip: bool, lookup: str):
+        def run():
+            before = gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup
+            gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup = fused_mlp, skip, lookup
+            try:
+                return fn()
+            finally:
+                gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup = before
+        return run
+
+    def train_render():
+        gen.zero_grad(set_to_none=True)
+        renderer(gen(emb, None), cams, rng=torch.Generator().manual_seed(0)).rgb.sum().backward()
+
+    @torch.no_grad()
+    def proposal():
+        renderer._proposal(gen(emb, None), origins, directions, t, far, torch.Generator().manual_seed(0))
+
+    candidates = {f"{part} [{v}]": configured(fn, *RENDER_SD_VARIANTS[v])
+                  for part, fn in (("train: forward+backward", train_render), ("proposal (no grad)", proposal))
+                  for v in variants}
+    times = time_interleaved(candidates, rounds=rounds)
+    base = "session 9: fast path, rows lookup"
+    rows = []
+    for k, v in times.items():
+        part = k.split(" [")[0]
+        row = {"benchmark": "render at SD size", "variant": k, "seconds": v, "rays": res * res,
+               "samples_per_ray": renderer.num_samples + renderer.num_importance,
+               "proposal_samples": renderer.num_samples}
+        if f"{part} [{base}]" in times:
+            row["speedup_vs_session9"] = times[f"{part} [{base}]"] / v
+        rows.append(row)
+    return rows
+
+
 def bench_cache_size(num_prompts: int = 2000, embedding_dim: int = 1024, tokens: bool = True) -> list[dict]:
     """Bytes per prompt of the on-disk embedding cache (pooled fp16 [N,E], tokens fp16 [N,77,E]),
     written by the real cache code through a CLIP text encoder of SD-2.1's width (random weights,

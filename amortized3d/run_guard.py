@@ -214,7 +214,9 @@ MAY_CHANGE = ("system.optimizer.lr", "system.optimizer.lr_scale", "system.optimi
               # so the same experiment; on for the analytic quickstart since session 8, off in older runs.
               "generator.fused_mlp", "renderer.skip_empty_space",
               # the dense levels' table-gradient kernel (session 9): equal to summation order
-              "generator.encoding.dense_backward")
+              "generator.encoding.dense_backward", "generator.encoding.hashed_lookup",
+              # where the CPU allocator takes large blocks from (session 10): results unchanged
+              "cpu_allocator")
 # Not compared: where files live, resume controls, and the corpus source (its prompts are compared).
 IGNORED = ("paths", "ckpt_path", "resume", "overwrite", "hydra", "data.corpus", "data.corpus_path",
            "data.num_train_prompts", "prior.model.cache_dir")

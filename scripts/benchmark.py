@@ -4,6 +4,7 @@
     python scripts/benchmark.py                       # all below but conv3d_memory
     python scripts/benchmark.py --only hash_grid --json out.json
     python scripts/benchmark.py --only render         # rays/s of training and evaluation renders
+    python scripts/benchmark.py --only render_sd      # the training render at the SD prior's sizes (no SD loaded)
     python scripts/benchmark.py --only mlp [--compile] # generated MLP heads fwd+bwd: old, fused, chunked (+ torch.compile)
     python scripts/benchmark.py --only cache_size     # bytes per prompt of the text cache
     python scripts/benchmark.py --only conv3d_memory  # 3DConv-net params + peak memory per prompt (minutes on CPU)
@@ -21,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amortized3d.benchmark import (bench_cache_size, bench_conv3d_memory, bench_hash_grid, bench_mlp,  # noqa: E402
-                                   bench_render, bench_training_steps, write_report)
+                                   bench_render, bench_render_sd, bench_training_steps, write_report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["hash_grid", "mlp", "render", "steps", "cache_size", "conv3d_memory", "scale",
+    parser.add_argument("--only", choices=["hash_grid", "mlp", "render", "render_sd", "steps", "cache_size", "conv3d_memory", "scale",
                                            "ingp_step", "sd_fullsize"],
                         default=None, help="default: all but conv3d_memory and sd_fullsize (minutes on a CPU)")
     parser.add_argument("--guidances", nargs="+", default=None,
@@ -46,7 +47,13 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", type=int, default=None, help="corpus sizes for --only scale / ingp_step")
     parser.add_argument("--compile", action="store_true", help="mlp: also torch.compile the old path (start-up cost)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
+    parser.add_argument("--cpu-allocator", choices=["keep_freed", "default"], default="keep_freed",
+                        help="glibc's handling of large blocks for this process (amortized3d/allocator.py; "
+                             "train.yaml's cpu_allocator)")
     args = parser.parse_args()
+    from amortized3d.allocator import configure_cpu_allocator
+
+    print(f"cpu allocator: {args.cpu_allocator} (applied: {configure_cpu_allocator(args.cpu_allocator)})")
     if args.write_model:
         from amortized3d.benchmark_sd import write_sd21_base
 
@@ -59,6 +66,8 @@ def main() -> None:
         rows += bench_mlp(rounds=args.rounds, compile=args.compile)
     if args.only in (None, "render"):
         rows += bench_render(args.override, rounds=args.rounds)
+    if args.only == "render_sd":
+        rows += bench_render_sd(rounds=args.rounds, overrides=args.override)
     guidances = args.guidances or ["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"]
     if args.only in (None, "steps", "sd_fullsize"):
         configs = Path(__file__).resolve().parents[1] / "configs" / "guidance"

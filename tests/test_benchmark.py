@@ -46,3 +46,18 @@ def test_mlp_benchmark_rows():
     assert by_variant["old: two heads, batched_mlp"]["speedup_vs_old"] == 1.0
     assert {"fused heads, one pass", "new: fused heads, chunked (fused_mlp=true)"} <= set(by_variant)
     assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_render_sd_benchmark_rows():
+    """The SD-size render benchmark builds from prior=stable_diffusion without loading SD; tiny sizes here."""
+    from amortized3d.benchmark import RENDER_SD_VARIANTS, bench_render_sd
+
+    small = ["prior.render.num_samples=8", "prior.render.num_importance=4",
+             "generator.encoding.n_levels=4", "generator.encoding.log2_hashmap_size=10",
+             "generator.encoding.base_resolution=4", "generator.encoding.per_level_scale=1.6"]
+    rows = bench_render_sd(rounds=1, overrides=small, resolution=8)
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {f"{p} [{v}]" for p in ("train: forward+backward", "proposal (no grad)")
+                               for v in RENDER_SD_VARIANTS}
+    assert by_variant["train: forward+backward [session 9: fast path, rows lookup]"]["speedup_vs_session9"] == 1.0
+    assert all(r["seconds"] > 0 and r["rays"] == 64 and r["samples_per_ray"] == 12 for r in rows)

@@ -26,7 +26,11 @@ UNSTAMPED_COMMIT = "1afc70a"  # main after the restructure, before the config_ve
 # added since, and the progress bar's class (a3fb795).
 _BAR = {"callbacks.progress_bar._target_": ["lightning.pytorch.callbacks.RichProgressBar",
                                             "amortized3d.callbacks.StepProgressBar"]}
-CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16], **_BAR}, UNSTAMPED_COMMIT: _BAR}
+# ... and the speed-only switches of session 10 (absent before: glibc's allocator, the rows lookup).
+_SESSION10 = {"cpu_allocator": ["<absent>", "keep_freed"]}
+_HASHED_LOOKUP = {"generator.encoding.hashed_lookup": ["<absent>", "corners"]}
+CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16], **_BAR, **_SESSION10},
+           UNSTAMPED_COMMIT: {**_BAR, **_SESSION10}}
 # ... and, for the analytic quickstart's pair, the render fast path on by default since (session 8).
 FAST_PATH = {("prior=analytic", "generator=hyper_ingp"): {"generator.fused_mlp": [False, True],
                                                           "renderer.skip_empty_space": [False, True]}}
@@ -119,7 +123,8 @@ def test_every_pre_restructure_config_resumes_as_the_same_experiment(old_configs
         new = new_configs[combo]
         result = compare_resume(_meta(old, 0), new, None)
         assert result["forced"] == [], combo
-        assert result["changed"] == {**CHANGED[commit], **FAST_PATH.get(combo[:2], {})}, combo
+        lookup = _HASHED_LOOKUP if "encoding" in (new.get("generator") or {}) else {}
+        assert result["changed"] == {**CHANGED[commit], **FAST_PATH.get(combo[:2], {}), **lookup}, combo
         with pytest.raises(ResumeMismatchError, match=r"was trained as a different experiment"):
             compare_resume(_meta(old, 1), new, None)  # read as today's layout, the moved keys differ
 

@@ -318,3 +318,49 @@ def _graph_has(out: torch.Tensor, name: str) -> bool:
             return True
         stack.extend(f for f, _ in fn.next_functions)
     return False
+
+
+@pytest.mark.parametrize("features", [1, 2, 3])
+@pytest.mark.parametrize("log2", [10, 17])  # levels 0-1 dense and 2-5 hashed / every level dense
+def test_hashed_corners_match_reference_and_rows_path(features, log2):
+    """Points without gradient: the hashed levels go through _HashedLevels (hashed_lookup="corners"); equal
+    to the loop reference (float64, the 2D gather: 16-byte rows) and to the rows path (float32: the packed
+    4/8-byte gather for 1/2 features, the 2D one for 3), values and table gradient."""
+    torch.manual_seed(11)
+    small = {**SMALL, "n_features_per_level": features, "log2_hashmap_size": log2}
+    new = HashGridEncoding(**{**small, "implementation": "torch"}).double()
+    with torch.no_grad():
+        new.table.normal_()
+    x = (torch.rand(3, 500, 3, dtype=torch.float64) * 2 - 1) * 1.7  # some points outside the bound
+    upstream = torch.randn(3, 500, 6 * features, dtype=torch.float64)
+    table_ref = new.table.detach().clone().requires_grad_()
+    out = new(x)
+    assert _graph_has(out, "_HashedLevelsBackward") == (log2 == 10)
+    (out * upstream).sum().backward()
+    ref = naive_hash_grid_reference(x, table_ref, None, **small)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new.table.grad, table_ref.grad, rtol=1e-12, atol=1e-12)
+
+    fp32 = [HashGridEncoding(**{**small, "implementation": "torch", "hashed_lookup": m}) for m in ("corners", "rows")]
+    for enc in fp32:
+        with torch.no_grad():
+            enc.table.copy_(new.table.float())
+    outs = [enc(x.float()) for enc in fp32]
+    assert not _graph_has(outs[1], "_HashedLevelsBackward")
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    for o in outs:
+        (o * upstream.float()).sum().backward()
+    torch.testing.assert_close(fp32[0].table.grad, fp32[1].table.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the proposal pass: nothing saved, same values
+        torch.testing.assert_close(fp32[0](x.float()), outs[0].detach(), rtol=0, atol=0)
+
+
+def test_hashed_corners_only_for_points_without_gradient():
+    """Points with a gradient (normals, eikonal) keep the rows path, whose backward reaches the points."""
+    enc = make()
+    x = (torch.rand(2, 50, 3, dtype=torch.float64) * 2 - 1).requires_grad_()
+    out = enc(x)
+    assert not _graph_has(out, "_HashedLevelsBackward") and _graph_has(out, "_InterpolateRowsBackward")
+    with pytest.raises(ValueError, match="hashed_lookup"):
+        HashGridEncoding(implementation="torch", hashed_lookup="planes")

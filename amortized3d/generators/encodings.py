@@ -82,6 +82,7 @@ class HashGridEncoding(nn.Module):
         dense_levels: str = "grid_sample",
         fused: bool = True,
         dense_backward: str = "index_add",
+        hashed_lookup: str = "corners",
     ) -> None:
         super().__init__()
         if implementation not in ("auto", "torch", "tcnn"):
@@ -112,6 +113,13 @@ class HashGridEncoding(nn.Module):
         # index_add_ (3-4x faster on CPU than grid_sample's scalar 3D backward, equal to rounding);
         # "grid_sample": its own backward, the path before session 9, kept for comparison.
         self.dense_backward = dense_backward
+        if hashed_lookup not in ("corners", "rows"):
+            raise ValueError(f"hashed_lookup must be 'corners' or 'rows', got {hashed_lookup!r}")
+        # The hashed levels of a shared table when the points need no gradient (every render): "corners"
+        # builds each of the 8 corners' rows as a contiguous [levels, points] vector and interpolates them
+        # by 7 lerps (_HashedLevels: ~2x faster on CPU, equal to rounding); "rows": one [levels, points, 8]
+        # gather through _InterpolateRows, the path before session 10, kept for comparison.
+        self.hashed_lookup = hashed_lookup
         self.output_dim = n_levels * n_features_per_level
         self.implementation: str = self._resolve(implementation)
         if self.implementation == "tcnn":
@@ -300,7 +308,11 @@ class HashGridEncoding(nn.Module):
                 pieces = table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
                 blocks.append(torch.stack([self._dense_level_fused(u, pieces[lv], lv) for lv in range(first)], dim=1))
                 flat = pieces[-1]
-        if first < self.n_levels:
+        if (first < self.n_levels and self.hashed_lookup == "corners" and self.num_instances == 1
+                and not u.requires_grad and not any(dense[first:])):
+            # Every level left is hashed, level j's rows at j * T of ``flat`` (see _HashedLevels).
+            blocks.append(_HashedLevels.apply(flat, u, self._res[first:].tolist(), self.log2_hashmap_size))
+        elif first < self.n_levels:
             rows, weight = [], []
             for hashed in (False, True):
                 levels = [lv for lv in range(first, self.n_levels) if dense[lv] != hashed]
@@ -485,6 +497,86 @@ class _DenseLevels(torch.autograd.Function):
                 for cx in (0, 1):
                     start = offset + cz * stride[2] + cy * stride[1] + cx
                     planes[f, start:].index_add_(0, base, weight * gx[cx])
+
+
+class _HashedLevels(torch.autograd.Function):
+    """Hashed levels of a shared table, points without gradient: ``flat`` [l*T, F] holds level j's T rows
+    at j*T, ``u`` [M, 3] in [0, 1] -> [M, l, F]. The same spatial hash, cell and trilinear interpolation as
+    :meth:`HashGridEncoding._rows_and_weights` + :class:`_InterpolateRows`, laid out for CPU vector loops.
+
+    That path builds [l, M, 8] rows and weights from per-dimension terms by broadcasting over tiny inner
+    dimensions (2 and 8), which torch's CPU kernels run as scalar loops (the hash's xor and the weights'
+    products were ~40 % of the full-size render in a profile), and interpolates with a [l*M] batch of
+    1x8 @ 8xF matmuls. Here every full-size tensor is a contiguous [l, M] (or [l, M, F]) vector: per
+    dimension the two ends' hash terms (int64 products, masked, then int32; the level's j*T folded into the
+    x term: both terms are < T, so xor and add commute with it), per corner one xor and one gather of its
+    F features as one 4- or 8-byte word, then 7 lerps. Backward (table gradient only): per corner and
+    feature one 1D ``index_add_`` of trilinear weight x gradient into feature planes, the rows saved in
+    int32. Equal to the rows path up to rounding (lerp vs weighted sum; tests/test_encodings.py).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, u: Tensor, res: list[int], log2_t: int) -> Tensor:  # type: ignore[override]
+        n_levels, m, feat = len(res), u.shape[0], flat.shape[-1]
+        mask = 2**log2_t - 1
+        rv = torch.tensor(res, dtype=u.dtype, device=u.device)[:, None, None]      # [l,1,1]
+        pos = u.t().contiguous()[None] * rv                                       # [l,3,M]
+        cell = torch.minimum(pos.floor(), rv - 1)
+        frac = pos - cell                                                         # [l,3,M]
+        ci = cell.long()
+        primes = torch.tensor(HASH_PRIMES, device=u.device)[None, :, None]
+        ends = [(ci + e) * primes & mask for e in (0, 1)]                         # [l,3,M] int64 each
+        level_rows = (torch.arange(n_levels, device=u.device) * (mask + 1))[:, None]
+        x = [(e[:, 0] + level_rows).int() for e in ends]
+        y = [e[:, 1].int() for e in ends]
+        z = [e[:, 2].int() for e in ends]
+        save = ctx.needs_input_grad[0]
+        rows = torch.empty(8, n_levels, m, dtype=torch.int32, device=u.device) if save else None
+        word = {4: torch.int32, 8: torch.int64}.get(feat * flat.element_size())
+        packed = flat.contiguous().view(word).view(-1) if word is not None else None
+        weights = frac.unsqueeze(-1).expand(-1, -1, -1, feat).contiguous()       # [l,3,M,F]
+        wx, wy, wz = weights[:, 0], weights[:, 1], weights[:, 2]
+
+        def gather(r: Tensor) -> Tensor:                                          # rows [l,M] -> [l,M,F]
+            if packed is not None:
+                return packed.index_select(0, r.view(-1)).view(flat.dtype).view(n_levels, m, feat)
+            return flat.index_select(0, r.view(-1)).view(n_levels, m, feat)
+
+        along_y = []
+        for cz in (0, 1):
+            along_x = []
+            for cy in (0, 1):
+                zy = z[cz] ^ y[cy]
+                ends_x = []
+                for cx in (0, 1):
+                    r = torch.bitwise_xor(zy, x[cx], out=rows[cz * 4 + cy * 2 + cx]) if save else zy ^ x[cx]
+                    ends_x.append(gather(r))
+                along_x.append(torch.lerp(ends_x[0], ends_x[1], wx))
+            along_y.append(torch.lerp(along_x[0], along_x[1], wy))
+        out = torch.lerp(along_y[0], along_y[1], wz)                               # [l,M,F]
+        if save:
+            ctx.save_for_backward(rows, frac)
+            ctx.flat_shape, ctx.flat_dtype = flat.shape, flat.dtype
+        return out.transpose(0, 1)                                                # [M,l,F]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        rows, frac = ctx.saved_tensors
+        total, feat = ctx.flat_shape
+        planes = torch.zeros(feat, total, dtype=ctx.flat_dtype, device=grad.device)  # feature-major
+        grad_t = grad.to(ctx.flat_dtype).permute(2, 1, 0).contiguous()               # [F,l,M]
+        frac = frac.to(ctx.flat_dtype)
+        w = [(1.0 - frac[:, d], frac[:, d]) for d in range(3)]                        # [l,M] per end
+        for cz in (0, 1):
+            for cy in (0, 1):
+                wzy = w[2][cz] * w[1][cy]
+                for cx in (0, 1):
+                    c = cz * 4 + cy * 2 + cx
+                    weight = wzy * w[0][cx]
+                    index = rows[c].view(-1).long()  # CPU index_add_ is several times slower with int32
+                    for f in range(feat):
+                        planes[f].index_add_(0, index, (weight * grad_t[f]).view(-1))
+        return planes.t(), None, None, None
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:
