@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("amortized3d", "amortized3d.cameras", "amortized3d.schedules", "amortized3d.slugs",
                     "amortized3d.checkpoint_io", "amortized3d.corpora", "amortized3d.optim", "amortized3d.data",
                     "amortized3d.sd_loading", "amortized3d.atomic", "amortized3d.fingerprint", "amortized3d.console",
-                    "amortized3d.step_timer", "amortized3d.threads",
+                    "amortized3d.step_timer", "amortized3d.threads", "amortized3d.allocator",
                     "amortized3d.row_sparse")),
     ("fields", ("amortized3d.generators",)),                     # generators and the Field interface
     ("rendering and text", ("amortized3d.rendering", "amortized3d.text")),

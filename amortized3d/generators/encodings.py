@@ -15,7 +15,8 @@ level-major order through a custom autograd.Function that saves only int32 rows 
 and accumulates the table gradient with one ``index_add_``; dense levels of a shared table use
 ``grid_sample`` (one batch for all fields) forward and, when the points need no gradient (renders),
 a 1D ``index_add_`` backward for the table (``dense_backward``; grid_sample's CPU 3D backward is a
-scalar loop). The same code runs on CPU and CUDA (measured on CPU only). ``fused=False`` keeps the previous autograd path for comparison.
+scalar loop); the hashed levels of renders go through ``_HashedLevels`` (per-corner contiguous gathers and lerps,
+``hashed_lookup``). The same code runs on CPU and CUDA (measured on CPU only). ``fused=False`` keeps the previous autograd path for comparison.
 
 tiny-cuda-nn is optional and imported lazily: importing this module needs neither CUDA nor
 tinycudann. Its HashGrid parameterises resolutions slightly differently (scale
