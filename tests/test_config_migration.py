@@ -31,9 +31,9 @@ _SESSION10 = {"cpu_allocator": ["<absent>", "keep_freed"]}
 _HASHED_LOOKUP = {"generator.encoding.hashed_lookup": ["<absent>", "corners"]}
 CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16], **_BAR, **_SESSION10},
            UNSTAMPED_COMMIT: {**_BAR, **_SESSION10}}
-# ... and, for the analytic quickstart's pair, the render fast path on by default since (session 8).
-FAST_PATH = {("prior=analytic", "generator=hyper_ingp"): {"generator.fused_mlp": [False, True],
-                                                          "renderer.skip_empty_space": [False, True]}}
+# ... and, for hyper_ingp, the render fast path on by default since (analytic: session 8, SD: session 10).
+_FAST = {"generator.fused_mlp": [False, True], "renderer.skip_empty_space": [False, True]}
+FAST_PATH = {("prior=analytic", "generator=hyper_ingp"): _FAST, ("prior=stable_diffusion", "generator=hyper_ingp"): _FAST}
 NUM_TRAIN_PROMPTS = 24  # set by train() from the corpus; the same number on both sides
 OUT = Path("/nonexistent/amortized3d-run")  # the run dir both sides' configs name (composing writes nothing)
 

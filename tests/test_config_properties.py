@@ -30,7 +30,7 @@ CFG = {"analytic": {"sds": 7.5, "csd": 1.0, "vsd": 7.5, "lvsd": 7.5, "l2vsd": 7.
        "stable_diffusion": {"sds": 100.0, "csd": 1.0, "vsd": 7.5, "lvsd": 7.5, "l2vsd": 7.5, "asd": 7.5, "sdi": 7.5}}
 SCORE_LR = {"analytic": 1e-3, "stable_diffusion": 1e-4}  # the VSD family's score-model optimizer
 # (generator.fused_mlp, renderer.skip_empty_space): the render fast path, on where its quality was measured
-FAST_PATH = {("analytic", "hyper_ingp"): (True, True)}
+FAST_PATH = {("analytic", "hyper_ingp"): (True, True), ("stable_diffusion", "hyper_ingp"): (True, True)}
 # the VSD family's score model: (target class, the node's keys) as the per-pair files gave them (issue 16)
 SCORE_MODEL = {"analytic": ("SmallUNetScoreModel", {"in_channels": 3, "resolution": 32, "cond_dim": 1024,
                                                      "base_channels": 32, "channel_mults": [1, 2],
@@ -116,7 +116,9 @@ def test_paper_experiments_compose_to_the_pinned_settings(tmp_path, name):
     bound, capacity, lr, cfg_scale = EXPERIMENT_SETTINGS[name]
     assert cfg.renderer.bound_radius == generator_bound(cfg) == bound
     assert effective_density(cfg) == "volsdf"  # ScaleDreamer §4.1 / the papers: VolSDF
-    assert (cfg.generator.get("fused_mlp", False), cfg.renderer.skip_empty_space) == (False, False)  # not measured there
+    fast = (cfg.generator.get("fused_mlp", False), cfg.renderer.skip_empty_space)
+    hyper_ingp = cfg.generator._target_.endswith(".HyperIngpGenerator")  # the SD x hyper_ingp pair's fast path
+    assert fast == ((True, True) if hyper_ingp else (False, False))
     if "encoding" in cfg.generator:
         e = cfg.generator.encoding
         assert (e.n_levels, e.log2_hashmap_size, e.base_resolution, e.per_level_scale) == capacity

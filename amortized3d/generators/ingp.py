@@ -161,7 +161,7 @@ class IngpGenerator(Generator):
         # True: both heads as one chunked network (fields.HashGridField; 2-3x faster MLPs on CPU,
         # equal to the two-head path in float64, also over whole training runs: tests/test_mlp.py).
         # False here; the configs turn it on where quality over seeds was measured
-        # (configs/prior_generator/analytic_hyper_ingp.yaml). In fp32 either path's run is one draw of
+        # (configs/prior_generator/*_hyper_ingp.yaml). In fp32 either path's run is one draw of
         # a process chaotic in rounding (docs/results.md, session 8).
         self.fused_mlp = bool(fused_mlp)
 
