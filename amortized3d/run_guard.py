@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from amortized3d.allocator import MODES as ALLOCATOR_MODES
 from amortized3d.config_version import migrate_config
 
 FORCE_OVERRIDE = "resume.force=true"
@@ -67,9 +68,10 @@ class Interrupted(RunError):
 _INT = "an integer"
 _POS_INT = "a positive integer"
 _NONNEG_INT = "a non-negative integer"
-# key -> (kind, required): checked before anything is built (absent optional keys are skipped).
-TYPED_KEYS: dict[str, str] = {
+# key -> kind (or its valid values): checked before anything is built (absent optional keys are skipped).
+TYPED_KEYS: dict[str, str | tuple[str, ...]] = {
     "seed": _NONNEG_INT,
+    "cpu_allocator": ALLOCATOR_MODES,
     "trainer.max_steps": _POS_INT,
     "trainer.log_every_n_steps": _POS_INT,
     "trainer.val_check_interval": "number",
@@ -91,7 +93,9 @@ TYPED_KEYS: dict[str, str] = {
 }
 
 
-def _check_value(key: str, value: Any, kind: str) -> str | None:
+def _check_value(key: str, value: Any, kind: str | tuple[str, ...]) -> str | None:
+    if isinstance(kind, tuple):
+        return None if value in kind else "one of " + ", ".join(kind)
     is_int = isinstance(value, int) and not isinstance(value, bool)
     is_num = is_int or (isinstance(value, float) and value == value and abs(value) != float("inf"))
     if kind == "bool":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from amortized3d.allocator import MODES, configure_cpu_allocator  # noqa: E402
 from amortized3d.benchmark import (bench_cache_size, bench_conv3d_memory, bench_hash_grid, bench_mlp,  # noqa: E402
                                    bench_render, bench_render_sd, bench_training_steps, write_report)
 
@@ -47,12 +48,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", type=int, default=None, help="corpus sizes for --only scale / ingp_step")
     parser.add_argument("--compile", action="store_true", help="mlp: also torch.compile the old path (start-up cost)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
-    parser.add_argument("--cpu-allocator", choices=["keep_freed", "default"], default="keep_freed",
+    parser.add_argument("--cpu-allocator", choices=MODES, default="keep_freed",
                         help="glibc's handling of large blocks for this process (amortized3d/allocator.py; "
                              "train.yaml's cpu_allocator)")
     args = parser.parse_args()
-    from amortized3d.allocator import configure_cpu_allocator
-
     print(f"cpu allocator: {args.cpu_allocator} (applied: {configure_cpu_allocator(args.cpu_allocator)})")
     if args.write_model:
         from amortized3d.benchmark_sd import write_sd21_base

@@ -335,6 +335,7 @@ def test_off_world_prompt_is_rejected_before_any_rendering(tmp_path):
     ("trainer.max_steps=abc", "trainer.max_steps='abc' must be a positive integer"),
     ("seed=abc", "seed='abc' must be a non-negative integer"),
     ("trainer.max_steps=-1", "trainer.max_steps=-1 must be a positive integer"),
+    ("cpu_allocator=jemalloc", "cpu_allocator='jemalloc' must be one of keep_freed, default"),
 ])
 def test_mistyped_config_value_fails_at_once_naming_key_and_value(tmp_path, override, message):
     cache = tmp_path / "fresh_cache"
