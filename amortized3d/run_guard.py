@@ -3,6 +3,8 @@ a different experiment, and stop cleanly on preemption.
 
 * :func:`validate_config`: typed config values checked before any work, naming the key.
 * :func:`check_world_prompts`: every corpus prompt parsed by the analytic world's grammar first.
+* :func:`check_corpus_splits`: every split the run will read (training, validation, the end-of-run evaluation)
+  is in the corpus.
 * :func:`clean_stale_temp_files`: ``.<name>.<pid>.tmp`` left by killed atomic writes (dead pids only).
 * :func:`check_run_dir`: a fresh run refuses a run dir that already holds checkpoints.
 * :func:`compare_resume`: the checkpoint's config / prompts against the new run's; experiment
@@ -157,6 +159,27 @@ def check_world_prompts(cfg: DictConfig, corpus) -> None:
         valid = first_error.split("; ", 1)[-1] if "; " in first_error else first_error
         raise ConfigError(f"corpus {corpus.source}: {len(bad)} prompt(s) outside the analytic world "
                           f"{world.name!r}: {shown}; {valid}")
+
+
+def check_corpus_splits(cfg: DictConfig, corpus) -> None:
+    """Every split the run reads exists in the corpus, checked before any work: the data module reads
+    ``data.train_split`` and ``data.val_split`` after the text encoder is built, the end-of-run evaluation
+    ``evaluation.splits`` and ``evaluation.videos`` after all of training (an empty split is fine)."""
+    readers: dict[str, list[str]] = {}
+    evaluation = cfg.get("evaluation") or {}
+    for key, value in (("data.train_split", cfg.data.get("train_split", "train")),
+                       ("data.val_split", cfg.data.get("val_split", "val")),
+                       *(("evaluation.splits", s) for s in (evaluation.get("splits") or [])),
+                       ("evaluation.videos", evaluation.get("videos"))):
+        if value is not None and str(value) not in corpus.splits:
+            readers.setdefault(str(value), []).append(key)
+    if readers:
+        have = ", ".join(corpus.splits)
+        missing = "; ".join(f"no split {split!r} (its splits: {have}), named by {', '.join(keys)}"
+                            for split, keys in readers.items())
+        raise ConfigError(f"corpus {corpus.source}: {missing}; add the split to the file (an empty list is "
+                          f"allowed) or point those keys at one it has, e.g. data.val_split=train "
+                          f"'evaluation.splits=[train]' evaluation.videos=null")
 
 
 # ------------------------------------------------------------------------------------- run dir

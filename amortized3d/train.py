@@ -34,8 +34,8 @@ from amortized3d.build import build_system, load_run_corpus, resolved_config
 from amortized3d.checkpoint_io import AtomicCheckpointIO
 from amortized3d.data import PromptDataModule
 from amortized3d.evaluation.final import evaluate_run
-from amortized3d.run_guard import (PreemptionHandler, check_run_dir, check_text_encoder, check_world_prompts,
-                                   clean_stale_temp_files, compare_resume, load_checkpoint_meta, validate_config)
+from amortized3d.run_guard import (PreemptionHandler, check_corpus_splits, check_run_dir, check_text_encoder,
+                                   check_world_prompts, clean_stale_temp_files, compare_resume, load_checkpoint_meta, validate_config)
 from amortized3d.scenes.world import build_world
 from amortized3d.step_timer import StepTimer
 
@@ -118,6 +118,7 @@ def train(cfg: DictConfig) -> dict:
     check_run_dir(checkpoint_dir, resuming=ckpt_path is not None, overwrite=bool(cfg.get("overwrite", False)),
                   delete=rank_zero_only.rank == 0)
     corpus = load_run_corpus(cfg)
+    check_corpus_splits(cfg, corpus)
     check_world_prompts(cfg, corpus)
     meta, resume = None, None
     if ckpt_path is not None:

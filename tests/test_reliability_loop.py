@@ -330,6 +330,25 @@ def test_off_world_prompt_is_rejected_before_any_rendering(tmp_path):
     assert not cache.exists() or not any(cache.rglob("*")), "work was done before the check"
 
 
+@pytest.mark.parametrize("splits, overrides, message", [
+    # No 'val' list: the data module's validation split (was a KeyError traceback after the text encoding).
+    ({"train": ["a red cube", "a blue sphere"]}, (),
+     r"no split 'val' \(its splits: train\), named by data\.val_split.*data\.val_split=train"),
+    # A split only the end-of-run evaluation reads (was a KeyError after all of training).
+    ({"train": ["a red cube"], "val": ["a red cube"]}, ("evaluation.splits=[train,test]",),
+     r"no split 'test' \(its splits: train, val\), named by evaluation\.splits"),
+])
+def test_corpus_without_a_split_the_run_reads_fails_at_once(tmp_path, splits, overrides, message):
+    corpus = tmp_path / "c.json"
+    corpus.write_text(json.dumps(splits))
+    cache = tmp_path / "fresh_cache"
+    start = time.monotonic()
+    _raises("ConfigError", train, compose(tmp_path / "run", cache, f"data.corpus_path={corpus}", *overrides),
+            match=message)
+    assert time.monotonic() - start < 5
+    assert not cache.exists() or not any(cache.rglob("*")), "work was done before the check"
+
+
 # ---------------------------------------------------------------- row 11: typed config values
 @pytest.mark.parametrize("override, message", [
     ("trainer.max_steps=abc", "trainer.max_steps='abc' must be a positive integer"),
