@@ -266,11 +266,13 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     return rows
 
 
-#: bench_render_sd's variants: (generator.fused_mlp, renderer.skip_empty_space, generator.encoding.hashed_lookup).
-RENDER_SD_VARIANTS: dict[str, tuple[bool, bool, str]] = {
-    "new: fast path, corners lookup": (True, True, "corners"),
-    "session 9: fast path, rows lookup": (True, True, "rows"),
-    "no fast path, rows lookup": (False, False, "rows"),  # the SD configs' render before session 10
+#: bench_render_sd's variants: (generator.fused_mlp, renderer.skip_empty_space, generator.encoding.hashed_lookup,
+#: generator.encoding.compile).
+RENDER_SD_VARIANTS: dict[str, tuple[bool, bool, str, bool]] = {
+    "compiled lookups: fast path, corners lookup, torch.compile": (True, True, "corners", True),
+    "new: fast path, corners lookup": (True, True, "corners", False),
+    "session 9: fast path, rows lookup": (True, True, "rows", False),
+    "no fast path, rows lookup": (False, False, "rows", False),  # the SD configs' render before session 10
 }
 
 
@@ -304,14 +306,15 @@ def bench_render_sd(rounds: int = 3, overrides: Sequence[str] = (), resolution: 
     t = stratified_samples((1, origins.shape[1]), renderer.num_samples, near, far, jitter=True,
                            rng=torch.Generator().manual_seed(0), dtype=origins.dtype)
 
-    def configured(fn, fused_mlp: bool, skip: bool, lookup: str):
+    def configured(fn, fused_mlp: bool, skip: bool, lookup: str, compiled: bool):
         def run():
-            before = gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup
-            gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup = fused_mlp, skip, lookup
+            before = gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup, gen.encoding.compile
+            gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup, gen.encoding.compile = (
+                fused_mlp, skip, lookup, compiled)
             try:
                 return fn()
             finally:
-                gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup = before
+                gen.fused_mlp, renderer.skip_empty_space, gen.encoding.hashed_lookup, gen.encoding.compile = before
         return run
 
     def train_render():

@@ -242,6 +242,8 @@ MAY_CHANGE = ("system.optimizer.lr", "system.optimizer.lr_scale", "system.optimi
               "generator.fused_mlp", "renderer.skip_empty_space",
               # the dense levels' table-gradient kernel (session 9): equal to summation order
               "generator.encoding.dense_backward", "generator.encoding.hashed_lookup",
+              # the render lookups through torch.compile (session 12): equal to rounding
+              "generator.encoding.compile",
               # where the CPU allocator takes large blocks from (session 10): results unchanged
               "cpu_allocator")
 # Not compared: where files live, resume controls, and the corpus source (its prompts are compared).

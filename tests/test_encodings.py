@@ -364,3 +364,53 @@ def test_hashed_corners_only_for_points_without_gradient():
     assert not _graph_has(out, "_HashedLevelsBackward") and _graph_has(out, "_InterpolateRowsBackward")
     with pytest.raises(ValueError, match="hashed_lookup"):
         HashGridEncoding(implementation="torch", hashed_lookup="planes")
+
+
+def _compiled_render_lookup(dtype: torch.dtype, log2: int, features: int = 2) -> None:
+    """HashGridEncoding(compile=True) against the loop reference: values and table gradient of a render's points
+    (no gradient: the dense levels' and hashed levels' kernels)."""
+    torch.manual_seed(12)
+    small = {**SMALL, "n_features_per_level": features, "log2_hashmap_size": log2}
+    enc = HashGridEncoding(**{**small, "implementation": "torch", "compile": True}).to(dtype)
+    with torch.no_grad():
+        enc.table.normal_()
+    table_ref = enc.table.detach().clone().requires_grad_()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for points in (500, 333):  # a second point count (skipping changes it every step)
+        x = (torch.rand(3, points, 3, dtype=dtype) * 2 - 1) * 1.7  # some points outside the bound
+        upstream = torch.randn(3, points, 6 * features, dtype=dtype)
+        enc.table.grad = table_ref.grad = None
+        out = enc(x)
+        assert _graph_has(out, "_DenseLevelsBackward") and _graph_has(out, "_HashedLevelsBackward") == (log2 == 10)
+        (out * upstream).sum().backward()
+        ref = naive_hash_grid_reference(x, table_ref, None, **small)
+        (ref * upstream).sum().backward()
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(enc.table.grad, table_ref.grad, rtol=tol, atol=tol)
+        with torch.no_grad():  # the proposal pass: no rows kept, same values
+            torch.testing.assert_close(enc(x), out.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("features", [1, 2])
+@pytest.mark.parametrize("log2", [10, 17])  # levels 0-1 dense and 2-5 hashed / every level dense
+def test_compiled_lookup_functions_match_reference(monkeypatch, features, log2):
+    """compiled_levels' functions, run eagerly (the math torch.compile is given), equal the loop reference."""
+    monkeypatch.setattr(enc_mod.compiled_levels, "compiled", lambda fn: fn)
+    _compiled_render_lookup(torch.float64, log2, features)
+
+
+@pytest.mark.slow
+def test_compiled_lookups_match_reference_through_torch_compile():
+    """The same through inductor on the CPU (compiles 4 graphs: dense, hashed with and without saved rows, in
+    float64 and float32), and a new point count does not compile again (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    enc_mod.compiled_levels.compiled.cache_clear()
+    for dtype in (torch.float64, torch.float32):
+        _compiled_render_lookup(dtype, 10)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 4
+    _compiled_render_lookup(torch.float32, 10)  # other points, the same shapes' graphs
+    assert counters["stats"]["unique_graphs"] == graphs
+

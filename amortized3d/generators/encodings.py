@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from amortized3d.generators import compiled_levels
 from amortized3d.threads import run_pair, single_thread, split_in_two
 
 Implementation = Literal["auto", "torch", "tcnn"]
@@ -84,6 +85,7 @@ class HashGridEncoding(nn.Module):
         fused: bool = True,
         dense_backward: str = "index_add",
         hashed_lookup: str = "corners",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if implementation not in ("auto", "torch", "tcnn"):
@@ -121,6 +123,10 @@ class HashGridEncoding(nn.Module):
         # by 7 lerps (_HashedLevels: ~2x faster on CPU, equal to rounding); "rows": one [levels, points, 8]
         # gather through _InterpolateRows, the path before session 10, kept for comparison.
         self.hashed_lookup = hashed_lookup
+        # The forward of those two render kernels (dense levels by index_add backward, hashed levels by corners)
+        # through torch.compile (compiled_levels.py): one fused loop each instead of a full-size tensor per op;
+        # the same values up to rounding, the same backward. Off by default: the first call of a process compiles.
+        self.compile = bool(compile)
         self.output_dim = n_levels * n_features_per_level
         self.implementation: str = self._resolve(implementation)
         if self.implementation == "tcnn":
@@ -304,7 +310,7 @@ class HashGridEncoding(nn.Module):
             if self.dense_backward == "index_add" and not u.requires_grad:
                 # Same grid_sample forward; the table gradient by index_add_ (see _DenseLevels).
                 dense_rows, flat = table[0].split([sum(sizes), self.rows_per_instance - sum(sizes)], dim=0)
-                blocks.append(_DenseLevels.apply(dense_rows, u, self._res[:first].tolist()))
+                blocks.append(_DenseLevels.apply(dense_rows, u, self._res[:first].tolist(), self.compile))
             else:
                 pieces = table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
                 blocks.append(torch.stack([self._dense_level_fused(u, pieces[lv], lv) for lv in range(first)], dim=1))
@@ -312,7 +318,11 @@ class HashGridEncoding(nn.Module):
         if (first < self.n_levels and self.hashed_lookup == "corners" and self.num_instances == 1
                 and not u.requires_grad and not any(dense[first:])):
             # Every level left is hashed, level j's rows at j * T of ``flat`` (see _HashedLevels).
-            blocks.append(_HashedLevels.apply(flat, u, self._res[first:].tolist(), self.log2_hashmap_size))
+            # Under no_grad (the proposal pass) autograd still reports needs_input_grad: say so, or 8 rows per
+            # point and level are built for a backward that never runs.
+            keep_rows = torch.is_grad_enabled() and flat.requires_grad
+            blocks.append(_HashedLevels.apply(flat, u, self._res[first:].tolist(), self.log2_hashmap_size,
+                                              self.compile, keep_rows))
         elif first < self.n_levels:
             rows, weight = [], []
             for hashed in (False, True):
@@ -380,7 +390,7 @@ class HashGridEncoding(nn.Module):
         return (f"implementation={self.implementation}, levels={self.n_levels}x"
                 f"{self.n_features_per_level}, log2_T={self.log2_hashmap_size}, "
                 f"base={self.base_resolution}, scale={self.per_level_scale}, "
-                f"bound={self.bound}, instances={self.num_instances}, fused={self.fused}")
+                f"bound={self.bound}, instances={self.num_instances}, fused={self.fused}, compile={self.compile}")
 
 
 class _InterpolateRows(torch.autograd.Function):
@@ -429,7 +439,11 @@ class _DenseLevels(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, u: Tensor, res: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows: Tensor, u: Tensor, res: list[int], compile: bool = False) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(u)
+        ctx.res, ctx.rows_shape, ctx.rows_dtype = res, rows.shape, rows.dtype
+        if compile:  # the same lookup as one fused loop (compiled_levels.py)
+            return compiled_levels.compiled(compiled_levels.dense_levels)(rows, u, tuple(res))
         sizes = [(n + 1) ** 3 for n in res]
         pieces = rows.split(sizes, dim=0)
         grid = (u * 2.0 - 1.0).view(1, u.shape[0], 1, 1, 3)
@@ -443,8 +457,6 @@ class _DenseLevels(torch.autograd.Function):
             out = low + high
         else:
             out = levels(range(len(res)))
-        ctx.save_for_backward(u)
-        ctx.res, ctx.rows_shape, ctx.rows_dtype = res, rows.shape, rows.dtype
         return torch.stack(out, dim=1)                                     # [M, L, F]
 
     @staticmethod
@@ -478,7 +490,7 @@ class _DenseLevels(torch.autograd.Function):
             # threads on the shared 2-core box every op's barrier waited for a time slice: 1.3x slower).
             with single_thread() if u.device.type == "cpu" else contextlib.nullcontext():
                 scatter(range(len(res)))
-        return planes.t(), None, None
+        return planes.t(), None, None, None
 
     @staticmethod
     def _scatter_level(planes: Tensor, u: Tensor, grad: Tensor, n: int, offset: int) -> None:
@@ -517,7 +529,16 @@ class _HashedLevels(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, flat: Tensor, u: Tensor, res: list[int], log2_t: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, flat: Tensor, u: Tensor, res: list[int], log2_t: int,  # type: ignore[override]
+                compile: bool = False, keep_rows: bool = True) -> Tensor:
+        save = keep_rows and ctx.needs_input_grad[0]
+        ctx.flat_shape, ctx.flat_dtype = flat.shape, flat.dtype
+        if compile:  # the same lookup as one fused loop (compiled_levels.py)
+            fn = compiled_levels.compiled(compiled_levels.hashed_levels)
+            out, rows, frac = fn(flat, u, tuple(res), log2_t, save)
+            if save:
+                ctx.save_for_backward(rows, frac)
+            return out.transpose(0, 1)
         n_levels, m, feat = len(res), u.shape[0], flat.shape[-1]
         mask = 2**log2_t - 1
         rv = torch.tensor(res, dtype=u.dtype, device=u.device)[:, None, None]      # [l,1,1]
@@ -531,7 +552,6 @@ class _HashedLevels(torch.autograd.Function):
         x = [(e[:, 0] + level_rows).int() for e in ends]
         y = [e[:, 1].int() for e in ends]
         z = [e[:, 2].int() for e in ends]
-        save = ctx.needs_input_grad[0]
         rows = torch.empty(8, n_levels, m, dtype=torch.int32, device=u.device) if save else None
         word = {4: torch.int32, 8: torch.int64}.get(feat * flat.element_size())
         packed = flat.contiguous().view(word).view(-1) if word is not None else None
@@ -557,7 +577,6 @@ class _HashedLevels(torch.autograd.Function):
         out = torch.lerp(along_y[0], along_y[1], wz)                               # [l,M,F]
         if save:
             ctx.save_for_backward(rows, frac)
-            ctx.flat_shape, ctx.flat_dtype = flat.shape, flat.dtype
         return out.transpose(0, 1)                                                # [M,l,F]
 
     @staticmethod
@@ -580,7 +599,7 @@ class _HashedLevels(torch.autograd.Function):
                         index = rows[c].view(-1).long()  # CPU index_add_ is several times slower with int32
                         for f in range(feat):
                             planes[f].index_add_(0, index, (weight * grad_t[f]).view(-1))
-        return planes.t(), None, None, None
+        return planes.t(), None, None, None, None, None
 
 
 def _corners(per_dim: Tensor, combine) -> Tensor:
