@@ -33,7 +33,8 @@ def single_thread() -> Iterator[None]:
 # The hot loops of a CPU render (the chunked MLP heads, the hash grid's dense levels) run on one
 # intra-op thread: OpenMP would put a barrier after every small op, and on a shared box each barrier
 # waits for a time slice (see single_thread). With 2+ threads allowed, their work is split instead into
-# two independent halves (the MLP heads' fields, the grid's levels), each run start to end on its own
+# two independent halves (the MLP heads' fields, the grid's dense levels, the feature planes of the hashed
+# levels' table gradient), each run start to end on its own
 # thread with one intra-op thread: one join per call instead of one barrier per op. Each half computes
 # exactly what the serial loop computes for it, so results are bit-equal to the serial path
 # (tests/test_threads.py) and resume stays exact.

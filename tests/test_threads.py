@@ -1,6 +1,6 @@
 """Splitting the render's hot loops over two threads (threads.run_pair) changes nothing but the wall time:
-the MLP heads' fields and the hash grid's dense levels are independent, so the values and gradients are
-bit-equal to the serial one-thread loops."""
+the MLP heads' fields, the hash grid's dense levels and its hashed levels' feature planes (backward) are
+independent, so the values and gradients are bit-equal to the serial one-thread loops."""
 from __future__ import annotations
 
 import threading

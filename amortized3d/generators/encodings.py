@@ -587,18 +587,26 @@ class _HashedLevels(torch.autograd.Function):
         grad_t = grad.to(ctx.flat_dtype).permute(2, 1, 0).contiguous()               # [F,l,M]
         frac = frac.to(ctx.flat_dtype)
         w = [(1.0 - frac[:, d], frac[:, d]) for d in range(3)]                        # [l,M] per end
-        # index_add_ is serial anyway: one intra-op thread for the ~40 ops (with 2 OpenMP threads on the shared
-        # 2-core box this backward took 1.4 s instead of 0.8 s in the full-size SD step: barriers, as _DenseLevels).
-        with single_thread() if grad.device.type == "cpu" else contextlib.nullcontext():
+
+        def scatter(features: range) -> None:  # features own disjoint planes: two halves never write the same row
             for cz in (0, 1):
                 for cy in (0, 1):
                     wzy = w[2][cz] * w[1][cy]
                     for cx in (0, 1):
-                        c = cz * 4 + cy * 2 + cx
                         weight = wzy * w[0][cx]
-                        index = rows[c].view(-1).long()  # CPU index_add_ is several times slower with int32
-                        for f in range(feat):
+                        index = rows[cz * 4 + cy * 2 + cx].view(-1).long()  # CPU index_add_: int32 several x slower
+                        for f in features:
                             planes[f].index_add_(0, index, (weight * grad_t[f]).view(-1))
+
+        half = feat // 2
+        if half and split_in_two(grad.device):  # the features' two halves on two threads (threads.py), bit-equal
+            run_pair(lambda: scatter(range(half)), lambda: scatter(range(half, feat)))
+        else:
+            # index_add_ is serial anyway: one intra-op thread for the ~40 ops (with 2 OpenMP threads on the shared
+            # 2-core box this backward took 1.4 s instead of 0.8 s in the full-size SD step: barriers, as
+            # _DenseLevels).
+            with single_thread() if grad.device.type == "cpu" else contextlib.nullcontext():
+                scatter(range(feat))
         return planes.t(), None, None, None, None, None
 
 
