@@ -35,6 +35,8 @@ CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16], **_BAR, **_SESSION10}
 # ... and, for hyper_ingp, the render fast path on by default since (analytic: session 8, SD: session 10).
 _FAST = {"generator.fused_mlp": [False, True], "renderer.skip_empty_space": [False, True]}
 FAST_PATH = {("prior=analytic", "generator=hyper_ingp"): _FAST, ("prior=stable_diffusion", "generator=hyper_ingp"): _FAST}
+# ... and the compiled lookups on for hyper_ingp on SD (session 12).
+COMPILED = {("prior=stable_diffusion", "generator=hyper_ingp"): {"generator.encoding.compile": ["<absent>", True]}}
 NUM_TRAIN_PROMPTS = 24  # set by train() from the corpus; the same number on both sides
 OUT = Path("/nonexistent/amortized3d-run")  # the run dir both sides' configs name (composing writes nothing)
 
@@ -125,7 +127,8 @@ def test_every_pre_restructure_config_resumes_as_the_same_experiment(old_configs
         result = compare_resume(_meta(old, 0), new, None)
         assert result["forced"] == [], combo
         lookup = _HASHED_LOOKUP if "encoding" in (new.get("generator") or {}) else {}
-        assert result["changed"] == {**CHANGED[commit], **FAST_PATH.get(combo[:2], {}), **lookup}, combo
+        assert result["changed"] == {**CHANGED[commit], **FAST_PATH.get(combo[:2], {}), **lookup,
+                                     **COMPILED.get(combo[:2], {})}, combo
         with pytest.raises(ResumeMismatchError, match=r"was trained as a different experiment"):
             compare_resume(_meta(old, 1), new, None)  # read as today's layout, the moved keys differ
 

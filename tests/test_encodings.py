@@ -414,3 +414,31 @@ def test_compiled_lookups_match_reference_through_torch_compile():
     _compiled_render_lookup(torch.float32, 10)  # other points, the same shapes' graphs
     assert counters["stats"]["unique_graphs"] == graphs
 
+
+
+@pytest.fixture
+def fresh_compile_cache():
+    enc_mod.compiled_levels.compiled.cache_clear()
+    yield
+    enc_mod.compiled_levels.compiled.cache_clear()  # no broken compiler left for later tests
+
+
+def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch, fresh_compile_cache):
+    """A machine where inductor cannot compile (no C++ compiler, no triton): one warning naming the cause, then
+    the eager functions (the same values as compile=False)."""
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    encs = [HashGridEncoding(**{**SMALL, "implementation": "torch", "compile": c}) for c in (True, False)]
+    encs[1].load_state_dict(encs[0].state_dict())
+    x = torch.rand(2, 300, 3) * 2 - 1
+    with pytest.warns(RuntimeWarning, match="torch.compile of .* failed .*no working C\\+\\+ compiler.*eagerly"):
+        out = encs[0](x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per function, not per call
+        again = encs[0](x)
+    torch.testing.assert_close(out, encs[1](x), rtol=1e-6, atol=1e-7)
+    assert torch.equal(out, again)

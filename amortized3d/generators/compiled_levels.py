@@ -16,6 +16,7 @@ the count each step, does not recompile. Tested on CPU only (no GPU was lent); o
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -77,5 +78,21 @@ def dense_levels(rows: Tensor, u: Tensor, res: tuple[int, ...]) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn: Callable) -> Callable:
-    """``fn`` compiled once per process (inductor, one graph for all point counts)."""
-    return torch.compile(fn, dynamic=True)
+    """``fn`` compiled once per process (inductor, one graph for all point counts). Where compiling fails (no C++
+    compiler for inductor's CPU code, no triton on a GPU), one warning names the cause and ``fn`` runs eagerly from
+    then on: the same values, the previous speed."""
+    state: dict[str, Callable] = {"fn": torch.compile(fn, dynamic=True)}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; a genuine error re-raises from fn below
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"generator.encoding.compile: torch.compile of {fn.__name__} failed "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                          "running it eagerly (same values, slower)", RuntimeWarning, stacklevel=2)
+            state["fn"] = fn
+            return fn(*args)
+
+    return run
