@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from amortized3d.generators import compiled_levels
 from amortized3d.train import train
 from conftest import compose
 from sd_helpers import sd_overrides
@@ -49,6 +50,32 @@ def test_sd_prior_trains_fast(tmp_path, cache_dir, tiny_sd, guidance):
 @pytest.mark.parametrize("guidance", SLOW)
 def test_sd_prior_trains_slow(tmp_path, cache_dir, tiny_sd, guidance):
     _check(tmp_path, _train(tmp_path, cache_dir, tiny_sd, guidance), guidance)
+
+
+@pytest.mark.slow
+def test_sd_hyper_ingp_trains_and_resumes_bit_exact_with_compiled_lookups(tmp_path, cache_dir, tiny_sd):
+    """The configured SD x hyper_ingp path compiles the hash grid's render lookups (prior_generator/
+    stable_diffusion_hyper_ingp.yaml); the tiny grid has dense and hashed levels, so both compiled kernels train,
+    and an interrupted run resumes to exactly the uninterrupted run's generator."""
+    common = [o for o in sd_overrides(tiny_sd, "guidance=sds", "trainer.max_steps=6",
+                                      "callbacks.checkpoint.every_n_train_steps=3", "trainer.val_check_interval=3")
+              if o != "generator.encoding.compile=false"]
+    full_cfg = compose(tmp_path / "full", cache_dir, *common, tiny=False)
+    assert full_cfg.generator.encoding.compile is True
+    compiled_levels.compiled.cache_clear()
+    train(full_cfg)
+    assert compiled_levels.compiled.cache_info().currsize == 2  # the dense and the hashed levels' lookups ran
+    train(compose(tmp_path / "part", cache_dir, *common, "trainer.max_steps=3", tiny=False))
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    train(compose(tmp_path / "part", cache_dir, *common, f"ckpt_path={ckpt}", tiny=False))
+
+    def generator(run: str) -> dict:
+        state = torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return {k: v for k, v in state["state_dict"].items() if k.startswith("model.generator.")}
+    full, resumed = generator("full"), generator("part")
+    assert full.keys() == resumed.keys() and any("encoding.table" in k for k in full)
+    for key, value in full.items():
+        assert torch.equal(value, resumed[key]) if isinstance(value, torch.Tensor) else value == resumed[key], key
 
 
 def test_sd_generator_conditioning_is_the_prior_clip_pooled_output(tmp_path, cache_dir, tiny_sd):
