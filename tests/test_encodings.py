@@ -401,8 +401,8 @@ def test_compiled_lookup_functions_match_reference(monkeypatch, features, log2):
 
 @pytest.mark.slow
 def test_compiled_lookups_match_reference_through_torch_compile():
-    """The same through inductor on the CPU (compiles 4 graphs: dense, hashed with and without saved rows, in
-    float64 and float32), and a new point count does not compile again (dynamic shapes)."""
+    """The same through inductor on the CPU (the dense and the hashed lookups, the latter with and without saved
+    rows, in float64 and float32), and a new point count does not compile again (dynamic shapes)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -413,7 +413,6 @@ def test_compiled_lookups_match_reference_through_torch_compile():
     assert graphs >= 4
     _compiled_render_lookup(torch.float32, 10)  # other points, the same shapes' graphs
     assert counters["stats"]["unique_graphs"] == graphs
-
 
 
 @pytest.fixture
