@@ -35,7 +35,8 @@ from amortized3d.checkpoint_io import AtomicCheckpointIO
 from amortized3d.data import PromptDataModule
 from amortized3d.evaluation.final import evaluate_run
 from amortized3d.run_guard import (PreemptionHandler, check_corpus_splits, check_run_dir, check_text_encoder,
-                                   check_world_prompts, clean_stale_temp_files, compare_resume, load_checkpoint_meta, validate_config)
+                                   check_world_prompts, clean_stale_temp_files, compare_resume, load_checkpoint_meta,
+                                   validate_config)
 from amortized3d.scenes.world import build_world
 from amortized3d.step_timer import StepTimer
 

@@ -22,17 +22,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-#: Instant-NGP's spatial-hash primes of y and z (x's is 1); encodings.HASH_PRIMES.
-_PRIME_Y, _PRIME_Z = 2654435761, 805459861
 
-
-def hashed_levels(flat: Tensor, u: Tensor, res: tuple[int, ...], log2_t: int,
+def hashed_levels(flat: Tensor, u: Tensor, res: tuple[int, ...], log2_t: int, primes: tuple[int, int, int],
                   with_rows: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """Hashed levels of a shared table (level j's rows at j * 2^log2_t of ``flat`` [l*T, F]) at ``u`` [M, 3] in
-    [0, 1]: features [l, M, F], the corners' rows [8, l, M] int32 (``with_rows``, for _HashedLevels' backward;
-    corner c = z*4 + y*2 + x) and the cell fractions [l, 3, M]. The same hash, cell and lerps as
-    ``_HashedLevels.forward``."""
+    [0, 1], hashed with ``primes`` (encodings.HASH_PRIMES; x's is 1): features [l, M, F], the corners' rows
+    [8, l, M] int32 (``with_rows``, for _HashedLevels' backward; corner c = z*4 + y*2 + x) and the cell fractions
+    [l, 3, M]. The same hash, cell and lerps as ``_HashedLevels.forward``."""
     mask = (1 << log2_t) - 1
+    _, prime_y, prime_z = primes
     flat = flat.to(u.dtype)
     rv = torch.tensor(res, dtype=u.dtype, device=u.device)[:, None, None]        # [l,1,1]
     pos = u.t()[None] * rv                                                       # [l,3,M]
@@ -41,8 +39,8 @@ def hashed_levels(flat: Tensor, u: Tensor, res: tuple[int, ...], log2_t: int,
     ci = cell.long()
     level_rows = (torch.arange(len(res), device=u.device) * (mask + 1))[:, None]  # [l,1]
     x = [((ci[:, 0] + e) & mask) + level_rows for e in (0, 1)]                   # level offset folded into x
-    y = [((ci[:, 1] + e) * _PRIME_Y) & mask for e in (0, 1)]
-    z = [((ci[:, 2] + e) * _PRIME_Z) & mask for e in (0, 1)]
+    y = [((ci[:, 1] + e) * prime_y) & mask for e in (0, 1)]
+    z = [((ci[:, 2] + e) * prime_z) & mask for e in (0, 1)]
     fx, fy, fz = (frac[:, d, :, None] for d in range(3))                          # [l,M,1]
     corners = [z[cz] ^ y[cy] ^ x[cx] for cz in (0, 1) for cy in (0, 1) for cx in (0, 1)]
     feats = [flat[r] for r in corners]                                            # [l,M,F] each

@@ -430,8 +430,9 @@ class _DenseLevels(torch.autograd.Function):
     ``rows`` [R, F] holds the levels' vertex rows one after another ((n+1)^3 each, row
     ``x + y (n+1) + z (n+1)^2``), ``u`` [M, 3] in [0, 1] has no gradient. The forward is exactly
     :meth:`HashGridEncoding._dense_level_fused` per level (one vectorised kernel each), so the values
-    are bit-equal to the grid_sample path (``compile``: ``compiled_levels.dense_levels``, equal to rounding). On CPU grid_sample's 3D backward is a scalar loop over
-    points x corners x features (~50% of the quickstart's fused training render in a profile); here the
+    are bit-equal to the grid_sample path (``compile``: ``compiled_levels.dense_levels``, equal to rounding).
+    On CPU grid_sample's 3D backward is a scalar loop over points x corners x features (~50% of the
+    quickstart's fused training render in a profile); here the
     corners and trilinear weights of all levels are rebuilt from ``u`` and the table gradient is ONE
     1D index_add_ per feature into feature planes (the 1D index_add_ is a tight loop, the [R, F] one
     ~2x slower). Only ``u`` is saved. Equal to grid_sample's
@@ -535,7 +536,7 @@ class _HashedLevels(torch.autograd.Function):
         ctx.flat_shape, ctx.flat_dtype = flat.shape, flat.dtype
         if compile:  # the same lookup as one fused loop (compiled_levels.py)
             fn = compiled_levels.compiled(compiled_levels.hashed_levels)
-            out, rows, frac = fn(flat, u, tuple(res), log2_t, save)
+            out, rows, frac = fn(flat, u, tuple(res), log2_t, HASH_PRIMES, save)
             if save:
                 ctx.save_for_backward(rows, frac)
             return out.transpose(0, 1)
