@@ -176,8 +176,24 @@ def bench_training_steps(guidances: Sequence[str], overrides: Sequence[str] = ()
             for k, v in times.items()]
 
 
+def load_trained_fields(system, checkpoint: str | Path) -> None:
+    """The model weights of a ``scripts/train.py`` checkpoint into ``system`` (built from the same config)."""
+    from amortized3d.checkpoint_io import load_torch
+    from amortized3d.model import model_state_dict
+
+    state = load_torch(checkpoint)
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ValueError(f"{checkpoint} holds no state_dict: expected a checkpoint written by scripts/train.py")
+    try:
+        system.model.load_state_dict(model_state_dict(state["state_dict"]))
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint} does not fit the benchmarked model: pass the run's own overrides "
+                         f"(--override ...) ({str(err).splitlines()[0]})") from err
+
+
 def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
-                 cache_dir: str | None = None, compare: bool = True) -> list[dict]:
+                 cache_dir: str | None = None, compare: bool = True,
+                 checkpoint: str | Path | None = None) -> list[dict]:
     """Render throughput of the configured generator + renderer (rays/s): training renders
     (forward + backward through the field) and evaluation renders (no grad, direct and from the
     baked grid the end-of-run evaluation uses, over one prompt's ``evaluation.num_views`` orbit),
@@ -189,8 +205,17 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     ``renderer.skip_empty_space``), each left out where it is the configured path; generators without
     the MLP switch get "[skip]"; "[session 8]": the configured paths with session 9's kernels off (the dense
     levels' grid_sample backward, the baked grid's grid_sample lookup; "[old]" has them off too);
-    ``speedup_vs_old`` is each row's ratio to its "[old]" twin."""
+    ``speedup_vs_old`` is each row's ratio to its "[old]" twin.
+
+    ``checkpoint``: render the trained fields of that run (``scripts/train.py``'s ``last.ckpt`` or a
+    ``step_XXXXXX.ckpt``; ``overrides`` must build the same model) instead of the untrained ones. Skipping's gain
+    depends on where the fields have surface: the untrained field is a 0.5-sphere filling most of the scene
+    bound, a trained one is an object (e.g. the quickstart's gradient pass keeps 66 % of the samples at step 0
+    and 12-13 % at steps 150 and 300, docs/results.md session 13), so a run spends most of its steps in the
+    second state."""
     system, cfg = _build_systems({"render": list(overrides)}, cache_dir)["render"]
+    if checkpoint is not None:
+        load_trained_fields(system, checkpoint)
     prompts = system.train_prompts[:views]
     res = int(cfg.system.resolution)
     cams = CameraBatch.cat([orbit_cameras(1, res)] * len(prompts))

@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--write-model", default=None, metavar="DIR",
                         help="only write the SD-2.1-base architecture with random weights to DIR")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--checkpoint", default=None,
+                        help="render: the trained fields of this run's checkpoint (with the run's --override)")
     parser.add_argument("--points", type=int, default=65536)
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the step benchmark")
     parser.add_argument("--conv3d", nargs=3, type=int, default=[128, 32, 1], metavar=("RES", "CH", "MULT"),
@@ -64,7 +66,7 @@ def main() -> None:
     if args.only in (None, "mlp"):
         rows += bench_mlp(rounds=args.rounds, compile=args.compile)
     if args.only in (None, "render"):
-        rows += bench_render(args.override, rounds=args.rounds)
+        rows += bench_render(args.override, rounds=args.rounds, checkpoint=args.checkpoint)
     if args.only == "render_sd":
         rows += bench_render_sd(rounds=args.rounds, overrides=args.override)
     guidances = args.guidances or ["sds", "csd", "vsd", "lvsd", "l2vsd", "asd", "sdi"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from amortized3d.benchmark import bench_render, bench_training_steps
 from conftest import TINY
@@ -62,3 +63,30 @@ def test_render_sd_benchmark_rows():
                                for v in eager}
     assert by_variant["train: forward+backward [session 9: fast path, rows lookup]"]["speedup_vs_session9"] == 1.0
     assert all(r["seconds"] > 0 and r["rays"] == 64 and r["samples_per_ray"] == 12 for r in rows)
+
+
+def test_render_benchmark_renders_a_runs_trained_fields(cache_dir, tmp_path):
+    """--checkpoint: the benchmarked system carries the checkpoint's model weights, and a checkpoint of
+    another model is refused with the fix, not a shape traceback."""
+    from amortized3d.benchmark import _build_systems, load_trained_fields
+    from amortized3d.checkpoint_io import save_torch
+
+    overrides = [*TINY_BENCH, "generator=hyper_ingp", "evaluation.num_views=2"]
+    trained, _ = _build_systems({"run": overrides}, str(cache_dir))["run"]
+    with torch.no_grad():  # stands in for training: every weight moved
+        for p in trained.model.parameters():
+            p.add_(torch.randn_like(p))
+    ckpt = save_torch({"state_dict": trained.state_dict()}, tmp_path / "last.ckpt")
+
+    fresh, _ = _build_systems({"run": overrides}, str(cache_dir))["run"]
+    assert not torch.equal(fresh.generator.encoding.table, trained.generator.encoding.table)
+    load_trained_fields(fresh, ckpt)
+    for (name, a), b in zip(fresh.model.named_parameters(), trained.model.parameters()):
+        assert torch.equal(a, b), name
+
+    other, _ = _build_systems({"run": [*overrides, "generator.mlp_hidden=8"]}, str(cache_dir))["run"]
+    with pytest.raises(ValueError, match="--override"):
+        load_trained_fields(other, ckpt)
+
+    rows = bench_render(overrides, rounds=1, views=2, cache_dir=str(cache_dir), compare=False, checkpoint=ckpt)
+    assert {r["variant"] for r in rows} >= {"train: forward+backward", "eval: direct (no grad)"}
