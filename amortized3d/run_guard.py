@@ -240,6 +240,9 @@ MAY_CHANGE = ("system.optimizer.lr", "system.optimizer.lr_scale", "system.optimi
               # Render implementation paths (fused MLP heads: float64-equal; skipping: images equal to ~1e-7),
               # so the same experiment; on for the analytic quickstart since session 8, off in older runs.
               "generator.fused_mlp", "renderer.skip_empty_space",
+              # skipped samples composited black instead of with the proposal's albedo (session 14): images
+              # change by less than the skipped samples' weights (measured <= 4e-4)
+              "renderer.proposal_albedo",
               # the dense levels' table-gradient kernel (session 9): equal to summation order
               "generator.encoding.dense_backward", "generator.encoding.hashed_lookup",
               # the render lookups through torch.compile (session 12): equal to rounding

@@ -63,6 +63,8 @@ def test_gather_lookup_equals_grid_sample_lookup():
                      torch.tensor([[[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [2.0, -3.0, 0.5]]]).expand(2, -1, -1)], dim=1)
     for a, b in zip(fast.query(pts), ref.query(pts)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for baked in (fast, ref):  # the proposal's geometry-only lookup reads the geometry plane alone
+        assert torch.equal(baked.query_geometry(pts), baked.query(pts)[0])
     cams = CameraBatch.cat([orbit_cameras(3, 16)] * 2)
     renderer = VolumeRenderer(num_samples=16, num_importance=16, bound_radius=1.0).eval()
     torch.testing.assert_close(renderer(fast, cams).rgb, renderer(ref, cams).rgb, rtol=1e-5, atol=1e-5)

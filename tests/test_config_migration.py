@@ -37,6 +37,8 @@ _FAST = {"generator.fused_mlp": [False, True], "renderer.skip_empty_space": [Fal
 FAST_PATH = {("prior=analytic", "generator=hyper_ingp"): _FAST, ("prior=stable_diffusion", "generator=hyper_ingp"): _FAST}
 # ... and the compiled lookups on for hyper_ingp on SD (session 12).
 COMPILED = {("prior=stable_diffusion", "generator=hyper_ingp"): {"generator.encoding.compile": ["<absent>", True]}}
+# ... and what skipped samples composite (session 14; the proposal's albedo, as before).
+_PROPOSAL_ALBEDO = {"renderer.proposal_albedo": ["<absent>", True]}
 NUM_TRAIN_PROMPTS = 24  # set by train() from the corpus; the same number on both sides
 OUT = Path("/nonexistent/amortized3d-run")  # the run dir both sides' configs name (composing writes nothing)
 
@@ -128,7 +130,7 @@ def test_every_pre_restructure_config_resumes_as_the_same_experiment(old_configs
         assert result["forced"] == [], combo
         lookup = _HASHED_LOOKUP if "encoding" in (new.get("generator") or {}) else {}
         assert result["changed"] == {**CHANGED[commit], **FAST_PATH.get(combo[:2], {}), **lookup,
-                                     **COMPILED.get(combo[:2], {})}, combo
+                                     **COMPILED.get(combo[:2], {}), **_PROPOSAL_ALBEDO}, combo
         with pytest.raises(ResumeMismatchError, match=r"was trained as a different experiment"):
             compare_resume(_meta(old, 1), new, None)  # read as today's layout, the moved keys differ
 

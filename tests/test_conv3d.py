@@ -84,6 +84,7 @@ def test_batched_generation_equals_per_item():
         torch.testing.assert_close(rgb[i:i + 1], r_i, rtol=1e-10, atol=1e-10)
     s4, _ = field.query(x.view(3, 8, 8, 3))  # extra leading dims kept
     torch.testing.assert_close(s4.reshape(3, 64), sdf)
+    assert torch.equal(field.query_geometry(x.view(3, 8, 8, 3)), s4)  # the proposal's query: no albedo head
     # Prompts and latents both matter.
     assert (sdf[0] - gen(text[1:2], None, z=z[0:1]).query(x[0:1])[0][0]).abs().max() > 1e-4
     assert (sdf[0] - gen(text[0:1], None, z=z[1:2]).query(x[0:1])[0][0]).abs().max() > 1e-4

@@ -164,3 +164,18 @@ def test_state_dict_round_trip():
     a.eval(), b.eval()
     torch.testing.assert_close(a(text).query(x)[0], b(text).query(x)[0])
     assert a.state_dict()["encoding._extra_state"]["implementation"] == "torch"
+
+
+@pytest.mark.parametrize("kind,fused_mlp", [("hyper", False), ("hyper", True), ("ingp", False), ("ingp", True)])
+def test_query_geometry_is_the_sdf_of_query(kind, fused_mlp):
+    """The proposal pass's geometry-only query: query's SDF (both MLP paths) without the albedo head."""
+    from amortized3d.generators.base import query_geometry
+
+    torch.manual_seed(0)
+    gen = hyper(fused_mlp=fused_mlp) if kind == "hyper" else ingp(3, fused_mlp=fused_mlp)
+    randomize_grid(gen)
+    field = gen(torch.randn(3, E, dtype=torch.float64), torch.tensor([2, 0, 1]))
+    x = points(3).view(3, 8, 8, 3)
+    sdf, _ = field.query(x)
+    torch.testing.assert_close(field.query_geometry(x), sdf, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(query_geometry(field, x), sdf, rtol=1e-12, atol=1e-12)

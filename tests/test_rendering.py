@@ -354,6 +354,49 @@ def test_empty_space_skipping_matches_the_full_path(training: bool) -> None:
     assert calls1[1][1] < 0.6 * calls0[1][1]
 
 
+class GeometrySphereField(SphereField):
+    """SphereField with the optional geometry-only query (counted apart from ``query``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.geometry_calls: list[tuple[int, ...]] = []
+
+    def query_geometry(self, points: Tensor) -> Tensor:
+        self.geometry_calls.append(tuple(points.shape))
+        return self.scale * (torch.sqrt(points.square().sum(-1) + 1e-12) - self.radius[:, None])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_proposal_without_albedo_queries_geometry_only(training: bool) -> None:
+    """proposal_albedo=False: the no-grad proposal calls query_geometry; skipped samples composite black, which
+    changes the image by less than the skipped samples' weights; densities, opacity and depth are unchanged.
+    Without skipping the proposal's albedo is never used, so it is not computed, and the image is unchanged."""
+    radii, colors = [0.25, 0.35], [[0.9, 0.1, 0.3], [0.2, 0.7, 0.4]]
+    cams = cameras([0.0, 20.0, -5.0, 40.0], [0.0, 90.0, 200.0, -60.0], size=16)
+
+    def render(field_type, skip: bool, proposal_albedo: bool):
+        field = field_type(radii, colors)
+        renderer = VolumeRenderer(num_samples=32, num_importance=16, bound_radius=1.0, skip_empty_space=skip,
+                                  proposal_albedo=proposal_albedo).train(training)
+        out = renderer(field, cams, rng=torch.Generator().manual_seed(0))
+        out.rgb.square().sum().backward()
+        return out, field
+
+    (with_albedo, f1), (black, f2) = render(GeometrySphereField, True, True), render(GeometrySphereField, True, False)
+    assert f1.geometry_calls == [] and len(f1.calls) == 2  # proposal + gradient pass through query
+    assert len(f2.geometry_calls) == 1 and len(f2.calls) == 1 and f2.geometry_calls[0] == f1.calls[0]
+    assert torch.equal(black.opacity, with_albedo.opacity) and torch.equal(black.depth, with_albedo.depth)
+    difference = (black.rgb - with_albedo.rgb).abs().max().item()
+    assert 0.0 < difference < 1e-4  # the skipped samples' weights: < 1e-5 each, < 1e-4 behind the surface
+    torch.testing.assert_close(f2.radius.grad, f1.radius.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(f2.color.grad, f1.color.grad, rtol=1e-3, atol=1e-5)
+
+    (plain, p1), (geometry_only, p2) = render(SphereField, False, True), render(GeometrySphereField, False, True)
+    assert len(p2.geometry_calls) == 1 and len(p2.calls) == 1  # no skipping: the albedo is not needed
+    assert torch.equal(geometry_only.rgb, plain.rgb)
+    assert torch.equal(p2.radius.grad, p1.radius.grad)
+
+
 def test_empty_space_skipping_is_off_by_default_and_off_for_eikonal() -> None:
     assert VolumeRenderer().skip_empty_space is False
     field, cams = SphereField([R]), cameras([0.0], [0.0], size=8)

@@ -18,6 +18,10 @@ class Field(Protocol):
     ``query(points [B,N,3]) -> (geometry [B,N], albedo [B,N,3])`` where geometry is a signed
     distance (``kind == "sdf"``, negative inside) or a raw pre-activation density
     (``kind == "density"``) and albedo lies in [0, 1]. Field ``b`` is evaluated at ``points[b]``.
+
+    A field may also define ``query_geometry(points) -> geometry``: the same geometry without computing
+    albedo (the renderer's no-grad proposal pass needs only densities); :func:`query_geometry` falls back
+    to ``query`` for fields without it.
     """
 
     kind: FieldKind
@@ -56,3 +60,10 @@ class Generator(nn.Module, abc.ABC):
     def parameter_groups(self) -> list[dict]:
         """Optimizer parameter groups; subclasses override to give parts their own lr."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "name": "generator"}]
+
+
+def query_geometry(field: Field, points: Tensor) -> Tensor:
+    """``field``'s geometry at ``points`` [B,N,3] -> [B,N]: its ``query_geometry`` where it has one (no albedo
+    computed), else the first output of ``query``."""
+    geometry_only = getattr(field, "query_geometry", None)
+    return geometry_only(points) if geometry_only is not None else field.query(points)[0]

@@ -63,13 +63,25 @@ class HashGridField:
     def batch_size(self) -> int:
         return self.sdf_weights[0].shape[0]
 
-    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """points [B,...,3] -> (sdf [B,...], albedo [B,...,3] in [0,1])."""
+    def _features(self, points: Tensor) -> tuple[Tensor, Tensor]:
         if points.shape[0] != self.batch_size or points.shape[-1] != 3:
             raise ValueError(f"expected points [{self.batch_size},...,3], got {tuple(points.shape)}")
-        lead = points.shape[:-1]
         flat = points.reshape(self.batch_size, -1, 3)
-        feats = self.encoding(flat, self.instance_ids, table=self.table).to(self.sdf_weights[0].dtype)
+        return flat, self.encoding(flat, self.instance_ids, table=self.table).to(self.sdf_weights[0].dtype)
+
+    def query_geometry(self, points: Tensor) -> Tensor:
+        """points [B,...,3] -> sdf [B,...]: ``query``'s SDF (to rounding) without the albedo head."""
+        flat, feats = self._features(points)
+        mlp = chunked_mlp if self.fused_mlp else batched_mlp
+        sdf = mlp(feats, self.sdf_weights, self.activation)[..., 0]
+        if self.sdf_bias == "sphere":
+            sdf = sdf + sphere_sdf(flat, self.sdf_bias_radius)
+        return sdf.reshape(points.shape[:-1])
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """points [B,...,3] -> (sdf [B,...], albedo [B,...,3] in [0,1])."""
+        lead = points.shape[:-1]
+        flat, feats = self._features(points)
         if self.fused_mlp:
             out = chunked_mlp(feats, fuse_heads([self.sdf_weights, self.rgb_weights]), self.activation)
             sdf, albedo = out[..., 0], torch.sigmoid(out[..., 1:])

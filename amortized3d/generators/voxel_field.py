@@ -42,16 +42,24 @@ class VoxelField:
     def batch_size(self) -> int:
         return self.volume.shape[0]
 
-    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """points [B,...,3] -> (sdf [B,...], albedo [B,...,3] in [0,1])."""
+    def _sdf_and_features(self, points: Tensor) -> tuple[Tensor, Tensor]:
         if points.shape[0] != self.batch_size or points.shape[-1] != 3:
             raise ValueError(f"expected points [{self.batch_size},...,3], got {tuple(points.shape)}")
-        lead = points.shape[:-1]
         flat = points.reshape(self.batch_size, -1, 3)
         dtype = next(self.sdf_head.parameters()).dtype
         feats = trilinear_lookup(self.volume, flat, self.bound).to(dtype)
         sdf = self.sdf_head(feats)[..., 0]
         if self.sdf_bias == "sphere":
             sdf = sdf + sphere_sdf(flat, self.sdf_bias_radius).to(sdf.dtype)
+        return sdf, feats
+
+    def query_geometry(self, points: Tensor) -> Tensor:
+        """points [B,...,3] -> sdf [B,...]: ``query``'s SDF without the albedo head."""
+        return self._sdf_and_features(points)[0].reshape(points.shape[:-1])
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """points [B,...,3] -> (sdf [B,...], albedo [B,...,3] in [0,1])."""
+        lead = points.shape[:-1]
+        sdf, feats = self._sdf_and_features(points)
         albedo = torch.sigmoid(self.rgb_head(feats))
         return sdf.reshape(lead), albedo.reshape(*lead, 3)

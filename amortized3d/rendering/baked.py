@@ -53,15 +53,22 @@ class BakedField:
     def batch_size(self) -> int:
         return int(self.volume.shape[0])
 
-    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+    def _lookup(self, points: Tensor, channels: int) -> Tensor:
+        """The first ``channels`` planes of the grid at ``points`` [B,N,3] -> [B,channels,N]."""
         b, n, _ = points.shape
+        volume = self.volume[:, :channels]
         if self.lookup == "gather":
-            out = torch.stack([_lerp_planes(self.volume[i], (points[i] / self.bound).to(self.volume))
-                               for i in range(b)])
+            out = torch.stack([_lerp_planes(volume[i], (points[i] / self.bound).to(volume)) for i in range(b)])
         else:
-            grid = (points / self.bound).reshape(b, n, 1, 1, 3).to(self.volume)
-            out = F.grid_sample(self.volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        out = out.reshape(b, 4, n)
+            grid = (points / self.bound).reshape(b, n, 1, 1, 3).to(volume)
+            out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.reshape(b, channels, n)
+
+    def query_geometry(self, points: Tensor) -> Tensor:
+        return self._lookup(points, 1)[:, 0]
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        out = self._lookup(points, 4)
         return out[:, 0], out[:, 1:].transpose(1, 2)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cameras import CameraBatch
-from ..generators.base import Field
+from ..generators.base import Field, query_geometry
 from . import regularizers as regs
 from .backgrounds import Background, SolidBackground
 from .densities import (DENSITY_ACTIVATIONS, central_difference_gradient, central_difference_points,
@@ -50,7 +50,7 @@ class VolumeRenderer(nn.Module):
                  nerf_density_activation: str = "softplus", normal_eps: float = 0.01,
                  chunk_rays: int | None = None, bound_radius: float | None = None,
                  skip_empty_space: bool = False, skip_tau_threshold: float = 1e-5,
-                 skip_transmittance: float = 1e-4) -> None:
+                 skip_transmittance: float = 1e-4, proposal_albedo: bool = True) -> None:
         super().__init__()
         if not 0.0 <= near < far:
             raise ValueError(f"need 0 <= near < far, got near={near}, far={far}")
@@ -82,12 +82,17 @@ class VolumeRenderer(nn.Module):
         self.skip_empty_space = bool(skip_empty_space)
         self.skip_tau_threshold = float(skip_tau_threshold)
         self.skip_transmittance = float(skip_transmittance)
+        # Where skipping drops a sample it composites the proposal's values: its density and (True) its albedo,
+        # so the proposal queries the whole field; False: albedo 0 (black) there, so the proposal queries the
+        # geometry alone (one head fewer in the largest no-grad pass). See _occupied for the size of the change.
+        self.proposal_albedo = bool(proposal_albedo)
 
     def extra_repr(self) -> str:
         return (f"near={self.near}, far={self.far}, samples={self.num_samples}+{self.num_importance}, "
                 f"density={self.density}, inv_std={self.volsdf_inv_std}, "
                 f"activation={self.nerf_density_activation}, chunk_rays={self.chunk_rays}, "
-                f"bound_radius={self.bound_radius}, skip_empty_space={self.skip_empty_space}")
+                f"bound_radius={self.bound_radius}, skip_empty_space={self.skip_empty_space}, "
+                f"proposal_albedo={self.proposal_albedo}")
 
     def ray_bounds(self, origins: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
         """Per-ray [near, far] as [...,1] tensors: the global range clipped to the bounding sphere.
@@ -178,25 +183,29 @@ class VolumeRenderer(nn.Module):
         self.density_for(field)
 
     def _proposal(self, field: Field, origins: Tensor, directions: Tensor, t: Tensor, far: Tensor,
-                  rng: torch.Generator | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+                  rng: torch.Generator | None, with_albedo: bool = True) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Importance samples [B,R,num_importance] from the stratified proposal ``t``, and the
-        proposal's (optical depth, transmittance, density [B,R,S], albedo [B,R,S,3]) for
-        :meth:`_occupied` and the stand-ins of skipped samples.
+        proposal's (optical depth, transmittance, density [B,R,S], albedo [B,R,S,3] or None) for
+        :meth:`_occupied` and the stand-ins of skipped samples. Without ``with_albedo`` the field's
+        geometry alone is queried (the importance samples need only densities).
 
         Gradient-free: sample positions are not differentiated, and skipping the graph here
         halves the activation memory of a training step.
         """
         b, r, s = t.shape
         with torch.no_grad():
-            points = origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]
-            geometry, albedo = field.query(points.reshape(b, r * s, 3))
+            points = (origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]).reshape(b, r * s, 3)
+            if with_albedo:
+                geometry, albedo = field.query(points)
+                albedo = albedo.to(t.dtype).reshape(b, r, s, 3)
+            else:
+                geometry, albedo = query_geometry(field, points), None
             sigma = self.sigma(geometry.to(t.dtype).reshape(b, r, s), self.density_for(field))
             weights, transmittance = composite_weights(sigma, t, far)
             bins = torch.cat([t, far.expand_as(t[..., :1])], dim=-1)
             t_fine = sample_pdf(bins, weights, self.num_importance, deterministic=not self.training,
                                 rng=rng)
-            proposal = (sigma * sample_deltas(t, far), transmittance, sigma, albedo.to(t.dtype).reshape(b, r, s, 3))
-            return t_fine, proposal
+            return t_fine, (sigma * sample_deltas(t, far), transmittance, sigma, albedo)
 
     def _occupied(self, t_coarse: Tensor, tau: Tensor, transmittance: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Which samples ``t`` [B,R,S'] the expensive (gradient) pass must query: [B,R,S'] bool,
@@ -210,7 +219,10 @@ class VolumeRenderer(nn.Module):
         j-1 is above ``skip_transmittance`` (early ray termination, one interval of margin).
         A dropped sample is composited with the proposal's density and albedo (no gradient) at
         the start of its interval; that is exact for the stratified samples (they ARE the
-        proposal's samples), so only the gradient of the dropped samples is missing.
+        proposal's samples), so only the gradient of the dropped samples is missing. With
+        ``proposal_albedo=False`` a dropped sample's albedo is 0 instead: the image then misses the
+        colour of the dropped samples' weights, each < ``skip_tau_threshold`` in empty space and
+        < ``skip_transmittance`` in all behind a surface (tests/test_rendering.py measures it).
         """
         s = t_coarse.shape[-1]
         j = (torch.searchsorted(t_coarse.contiguous(), t.contiguous(), right=True) - 1).clamp(0, s - 1)
@@ -229,14 +241,16 @@ class VolumeRenderer(nn.Module):
                                rng=rng, device=origins.device, dtype=origins.dtype)
         keep = None
         if self.num_importance > 0:
-            t_fine, (tau, transmittance, sigma_c, albedo_c) = self._proposal(field, origins, directions, t, far,
-                                                                             rng)
-            t_sorted = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
             # The eikonal term is a mean over all samples, empty space included: no skipping then.
-            if self.skip_empty_space and skip:
+            skipping = self.skip_empty_space and skip
+            t_fine, (tau, transmittance, sigma_c, albedo_c) = self._proposal(
+                field, origins, directions, t, far, rng, with_albedo=skipping and self.proposal_albedo)
+            t_sorted = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
+            if skipping:
                 keep, j = self._occupied(t, tau, transmittance, t_sorted)
                 fill_sigma = sigma_c.gather(-1, j)                                      # [B,R,S']
-                fill_albedo = albedo_c.gather(2, j[..., None].expand(-1, -1, -1, 3))  # [B,R,S',3]
+                fill_albedo = (albedo_c.gather(2, j[..., None].expand(-1, -1, -1, 3)) if albedo_c is not None
+                               else fill_sigma.new_zeros(*fill_sigma.shape, 3))        # [B,R,S',3]
             t = t_sorted
         s = t.shape[-1]
         points = (origins[:, :, None, :] + t[..., None] * directions[:, :, None, :]).reshape(b, r * s, 3)
