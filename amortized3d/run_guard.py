@@ -247,6 +247,8 @@ MAY_CHANGE = ("system.optimizer.lr", "system.optimizer.lr_scale", "system.optimi
               "generator.encoding.dense_backward", "generator.encoding.hashed_lookup",
               # the render lookups through torch.compile (session 12): equal to rounding
               "generator.encoding.compile",
+              # the dense levels' eager forward by plane gathers (session 14): equal to rounding
+              "generator.encoding.dense_lookup",
               # where the CPU allocator takes large blocks from (session 10): results unchanged
               "cpu_allocator")
 # Not compared: where files live, resume controls, and the corpus source (its prompts are compared).

@@ -29,7 +29,8 @@ _BAR = {"callbacks.progress_bar._target_": ["lightning.pytorch.callbacks.RichPro
 # ... and the speed-only switches of session 10 (absent before: glibc's allocator, the rows lookup).
 _SESSION10 = {"cpu_allocator": ["<absent>", "keep_freed"]}
 _HASHED_LOOKUP = {"generator.encoding.hashed_lookup": ["<absent>", "corners"],
-                  "generator.encoding.compile": ["<absent>", False]}  # session 12
+                  "generator.encoding.compile": ["<absent>", False],  # session 12
+                  "generator.encoding.dense_lookup": ["<absent>", "grid_sample"]}  # session 14
 CHANGED = {V0_COMMIT: {"data.val_max_prompts": [None, 16], **_BAR, **_SESSION10},
            UNSTAMPED_COMMIT: {**_BAR, **_SESSION10}}
 # ... and, for hyper_ingp, the render fast path on by default since (analytic: session 8, SD: session 10).

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amortized3d.generators import compiled_levels
+from amortized3d.generators.trilinear import lerp_planes
 from amortized3d.threads import run_pair, single_thread, split_in_two
 
 Implementation = Literal["auto", "torch", "tcnn"]
@@ -86,6 +87,7 @@ class HashGridEncoding(nn.Module):
         dense_backward: str = "index_add",
         hashed_lookup: str = "corners",
         compile: bool = False,
+        dense_lookup: str = "grid_sample",
     ) -> None:
         super().__init__()
         if implementation not in ("auto", "torch", "tcnn"):
@@ -127,6 +129,12 @@ class HashGridEncoding(nn.Module):
         # through torch.compile (compiled_levels.py): one fused loop each instead of a full-size tensor per op;
         # the same values up to rounding, the same backward. Off by default: the first call of a process compiles.
         self.compile = bool(compile)
+        if dense_lookup not in ("grid_sample", "planes"):
+            raise ValueError(f"dense_lookup must be 'grid_sample' or 'planes', got {dense_lookup!r}")
+        # The eager forward of those dense levels: "grid_sample" (its 3D kernel) or "planes" (1D gathers of each
+        # feature plane + lerps, trilinear.lerp_planes): equal to rounding; faster on the AMD CPUs measured, slower
+        # on an Intel one (docs/results.md, session 14). compile=True replaces both.
+        self.dense_lookup = dense_lookup
         self.output_dim = n_levels * n_features_per_level
         self.implementation: str = self._resolve(implementation)
         if self.implementation == "tcnn":
@@ -310,7 +318,8 @@ class HashGridEncoding(nn.Module):
             if self.dense_backward == "index_add" and not u.requires_grad:
                 # Same grid_sample forward; the table gradient by index_add_ (see _DenseLevels).
                 dense_rows, flat = table[0].split([sum(sizes), self.rows_per_instance - sum(sizes)], dim=0)
-                blocks.append(_DenseLevels.apply(dense_rows, u, self._res[:first].tolist(), self.compile))
+                blocks.append(_DenseLevels.apply(dense_rows, u, self._res[:first].tolist(), self.compile,
+                                                 self.dense_lookup))
             else:
                 pieces = table[0].split([*sizes, self.rows_per_instance - sum(sizes)], dim=0)
                 blocks.append(torch.stack([self._dense_level_fused(u, pieces[lv], lv) for lv in range(first)], dim=1))
@@ -390,7 +399,8 @@ class HashGridEncoding(nn.Module):
         return (f"implementation={self.implementation}, levels={self.n_levels}x"
                 f"{self.n_features_per_level}, log2_T={self.log2_hashmap_size}, "
                 f"base={self.base_resolution}, scale={self.per_level_scale}, "
-                f"bound={self.bound}, instances={self.num_instances}, fused={self.fused}, compile={self.compile}")
+                f"bound={self.bound}, instances={self.num_instances}, fused={self.fused}, compile={self.compile}, "
+                f"dense_lookup={self.dense_lookup}")
 
 
 class _InterpolateRows(torch.autograd.Function):
@@ -440,7 +450,8 @@ class _DenseLevels(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, u: Tensor, res: list[int], compile: bool = False) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows: Tensor, u: Tensor, res: list[int], compile: bool = False,  # type: ignore[override]
+                lookup: str = "grid_sample") -> Tensor:
         ctx.save_for_backward(u)
         ctx.res, ctx.rows_shape, ctx.rows_dtype = res, rows.shape, rows.dtype
         if compile:  # the same lookup as one fused loop (compiled_levels.py)
@@ -450,6 +461,8 @@ class _DenseLevels(torch.autograd.Function):
         grid = (u * 2.0 - 1.0).view(1, u.shape[0], 1, 1, 3)
 
         def levels(idx: range) -> list[Tensor]:
+            if lookup == "planes":  # the same trilinear lookup from 1D gathers of each feature plane
+                return [lerp_planes(pieces[i].t().contiguous(), res[i] + 1, u.t() * res[i]).t() for i in idx]
             return [_DenseLevels._level(pieces[i], res[i], grid) for i in idx]
 
         half = len(res) // 2
@@ -491,7 +504,7 @@ class _DenseLevels(torch.autograd.Function):
             # threads on the shared 2-core box every op's barrier waited for a time slice: 1.3x slower).
             with single_thread() if u.device.type == "cpu" else contextlib.nullcontext():
                 scatter(range(len(res)))
-        return planes.t(), None, None, None
+        return planes.t(), None, None, None, None
 
     @staticmethod
     def _scatter_level(planes: Tensor, u: Tensor, grad: Tensor, n: int, offset: int) -> None:

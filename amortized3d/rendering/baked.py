@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amortized3d.generators.base import Field
+from amortized3d.generators.trilinear import lerp_planes
 
 
 #: The lookup of a BakedField built without ``lookup=`` (the evaluation's): "gather" (session 9) or
@@ -74,29 +75,6 @@ class BakedField:
 
 def _lerp_planes(volume: Tensor, coords: Tensor) -> Tensor:
     """grid_sample(volume [C, R, R, R], coords [N, 3] in [-1, 1] as (x, y, z), bilinear, border,
-    align_corners=True) -> [C, N], from 1D gathers.
-
-    Per channel plane (a contiguous 1D view) the 8 corners are 8 ``index_select``s of the cells' base
-    index into views shifted by each corner's offset (a tight 1D loop), combined by 7 lerps over
-    contiguous N-vectors; the base index and fractions are computed once for all channels.
-    """
+    align_corners=True) -> [C, N], from 1D gathers of each channel plane (:func:`lerp_planes`)."""
     c, r = volume.shape[0], volume.shape[-1]
-    pos = ((coords.t() + 1.0) * 0.5 * (r - 1)).clamp(0, r - 1)           # [3, N]: border padding
-    cell = torch.clamp(pos.floor(), max=r - 2)
-    frac = pos - cell
-    index = cell.long()
-    base = index[0] + index[1] * r + index[2] * (r * r)
-    fx, fy, fz = frac[0], frac[1], frac[2]
-    planes = volume.reshape(c, -1)
-    out = torch.empty(c, coords.shape[0], dtype=volume.dtype, device=volume.device)
-    for ch in range(c):
-        plane = planes[ch]
-
-        def at(offset: int) -> Tensor:
-            return plane[offset:].index_select(0, base)
-
-        y0 = torch.lerp(torch.lerp(at(0), at(1), fx), torch.lerp(at(r), at(r + 1), fx), fy)
-        y1 = torch.lerp(torch.lerp(at(r * r), at(r * r + 1), fx), torch.lerp(at(r * r + r), at(r * r + r + 1), fx), fy)
-        out[ch] = torch.lerp(y0, y1, fz)
-    return out
-
+    return lerp_planes(volume.reshape(c, -1), r, (coords.t() + 1.0) * 0.5 * (r - 1))
