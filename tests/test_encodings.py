@@ -321,6 +321,29 @@ def _graph_has(out: torch.Tensor, name: str) -> bool:
     return False
 
 
+def _matches_the_loop_reference(enc: HashGridEncoding, out: torch.Tensor, x: torch.Tensor, table: torch.Tensor,
+                                settings: dict) -> torch.Tensor:
+    """``out = enc(x)`` and the table gradient of a random upstream equal the float64 loop reference on ``table``
+    (the table's values before the call); returns the upstream."""
+    table_ref = table.detach().clone().requires_grad_()
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    ref = naive_hash_grid_reference(x, table_ref, None, **settings)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(enc.table.grad, table_ref.grad, rtol=1e-12, atol=1e-12)
+    return upstream
+
+
+def _fp32_twins(settings: dict, key: str, modes: tuple[str, ...], table: torch.Tensor) -> list[HashGridEncoding]:
+    """float32 encodings that differ only in ``key`` (one per mode), all holding ``table``."""
+    twins = [HashGridEncoding(**{**settings, "implementation": "torch", key: m}) for m in modes]
+    for enc in twins:
+        with torch.no_grad():
+            enc.table.copy_(table.float())
+    return twins
+
+
 @pytest.mark.parametrize("features", [1, 2, 3])
 @pytest.mark.parametrize("log2", [10, 17])  # levels 0-1 dense and 2-5 hashed / every level dense
 def test_hashed_corners_match_reference_and_rows_path(features, log2):
@@ -333,20 +356,12 @@ def test_hashed_corners_match_reference_and_rows_path(features, log2):
     with torch.no_grad():
         new.table.normal_()
     x = (torch.rand(3, 500, 3, dtype=torch.float64) * 2 - 1) * 1.7  # some points outside the bound
-    upstream = torch.randn(3, 500, 6 * features, dtype=torch.float64)
-    table_ref = new.table.detach().clone().requires_grad_()
+    table = new.table.detach().clone()
     out = new(x)
     assert _graph_has(out, "_HashedLevelsBackward") == (log2 == 10)
-    (out * upstream).sum().backward()
-    ref = naive_hash_grid_reference(x, table_ref, None, **small)
-    (ref * upstream).sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(new.table.grad, table_ref.grad, rtol=1e-12, atol=1e-12)
+    upstream = _matches_the_loop_reference(new, out, x, table, small)
 
-    fp32 = [HashGridEncoding(**{**small, "implementation": "torch", "hashed_lookup": m}) for m in ("corners", "rows")]
-    for enc in fp32:
-        with torch.no_grad():
-            enc.table.copy_(new.table.float())
+    fp32 = _fp32_twins(small, "hashed_lookup", ("corners", "rows"), table)
     outs = [enc(x.float()) for enc in fp32]
     assert not _graph_has(outs[1], "_HashedLevelsBackward")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
@@ -457,23 +472,14 @@ def test_dense_planes_lookup_matches_reference_and_grid_sample(features, monkeyp
     vertices = (torch.arange(5, dtype=torch.float64) / 4 * 2 - 1) * small["bound"]  # level 0's (n=4) vertices
     grid = torch.stack(torch.meshgrid(vertices, vertices, vertices, indexing="ij"), -1).reshape(1, -1, 3)
     x = torch.cat([(torch.rand(1, 700, 3, dtype=torch.float64) * 2 - 1) * 1.7, grid], dim=1).expand(2, -1, -1)
-    table_ref = enc.table.detach().clone().requires_grad_()
+    table = enc.table.detach().clone()
     calls = []
     monkeypatch.setattr(enc_mod, "lerp_planes", lambda *a: calls.append(a[1]) or lerp_planes(*a))
     out = enc(x)
     assert calls == [5, 7, 11] and _graph_has(out, "_DenseLevelsBackward")  # vertices per side of levels 4, 6, 10
-    upstream = torch.randn_like(out)
-    (out * upstream).sum().backward()
-    ref = naive_hash_grid_reference(x, table_ref, None, **small)
-    (ref * upstream).sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(enc.table.grad, table_ref.grad, rtol=1e-12, atol=1e-12)
+    _matches_the_loop_reference(enc, out, x, table, small)
 
-    fp32 = [HashGridEncoding(**{**small, "implementation": "torch", "dense_lookup": m}) for m in ("planes", "grid_sample")]
-    for e in fp32:
-        with torch.no_grad():
-            e.table.copy_(enc.table.float())
-    planes, sampled = (e(x.float()) for e in fp32)
+    planes, sampled = (e(x.float()) for e in _fp32_twins(small, "dense_lookup", ("planes", "grid_sample"), table))
     torch.testing.assert_close(planes, sampled, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="dense_lookup"):
         HashGridEncoding(implementation="torch", dense_lookup="nearest")
