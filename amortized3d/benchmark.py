@@ -349,7 +349,7 @@ def bench_render_sd(rounds: int = 3, overrides: Sequence[str] = (), resolution: 
     @torch.no_grad()
     def proposal():
         renderer._proposal(gen(emb, None), origins, directions, t, far, torch.Generator().manual_seed(0),
-                           with_albedo=renderer.skip_empty_space and renderer.proposal_albedo)
+                           with_albedo=renderer.proposal_needs_albedo())
 
     candidates = {f"{part} [{v}]": configured(fn, *RENDER_SD_VARIANTS[v])
                   for part, fn in (("train: forward+backward", train_render), ("proposal (no grad)", proposal))

@@ -179,6 +179,11 @@ class VolumeRenderer(nn.Module):
             terms["eikonal"] = torch.stack([p.eikonal_sum for p in parts]).sum(dim=0) / total
         return RenderOutput(rgb=rgb, opacity=opacity, depth=image("depth"), normal=normal, regularizers=terms)
 
+    def proposal_needs_albedo(self, skip: bool = True) -> bool:
+        """Whether the no-grad proposal must query albedo: only skipped samples read it (``skip``: skipping is
+        allowed for this render, i.e. no eikonal term), and only with ``proposal_albedo``."""
+        return self.skip_empty_space and skip and self.proposal_albedo
+
     def _check_field(self, field: Field) -> None:
         self.density_for(field)
 
@@ -244,7 +249,7 @@ class VolumeRenderer(nn.Module):
             # The eikonal term is a mean over all samples, empty space included: no skipping then.
             skipping = self.skip_empty_space and skip
             t_fine, (tau, transmittance, sigma_c, albedo_c) = self._proposal(
-                field, origins, directions, t, far, rng, with_albedo=skipping and self.proposal_albedo)
+                field, origins, directions, t, far, rng, with_albedo=self.proposal_needs_albedo(skip))
             t_sorted = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1).values
             if skipping:
                 keep, j = self._occupied(t, tau, transmittance, t_sorted)
