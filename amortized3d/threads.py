@@ -28,28 +28,50 @@ def single_thread() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Two halves of independent work on two threads (session 9).
+# How the render's hot CPU loops use the intra-op threads (sessions 7, 9 and 15).
 #
-# The hot loops of a CPU render (the chunked MLP heads, the hash grid's dense levels) run on one
-# intra-op thread: OpenMP would put a barrier after every small op, and on a shared box each barrier
-# waits for a time slice (see single_thread). With 2+ threads allowed, their work is split instead into
-# two independent halves (the MLP heads' fields, the grid's dense levels, the feature planes of the hashed
-# levels' table gradient), each run start to end on its own
-# thread with one intra-op thread: one join per call instead of one barrier per op. Each half computes
-# exactly what the serial loop computes for it, so results are bit-equal to the serial path
-# (tests/test_threads.py) and resume stays exact.
+# The hot loops of a CPU render (the chunked MLP heads, the hash grid's dense levels and its table
+# gradients) are many small ops each. Three policies, chosen by AMORTIZED3D_CPU_THREADS; each computes
+# exactly what the others compute (the same ops on the same data, only scheduled differently), so results
+# are bit-equal (tests/test_threads.py) and resume stays exact under any of them:
+# - ``intra_op`` (default): torch's own intra-op (OpenMP) threads, as every other op runs. On 2 idle cores
+#   the quickstart's trained-field training render is 1.1-1.2x faster than ``serial`` (one process,
+#   interleaved; the chunked MLP forward alone 1.6x), and also faster with both cores busy with other work
+#   (load 2: 337 vs 396 ms): docs/results.md session 15.
+# - ``serial``: those loops on one intra-op thread. For oversubscribed boxes: at load ~20 on 2 cores
+#   (session 7) every op's barrier waited for a time slice and 2-thread MLP chunks were 5-20x slower.
+# - ``split``: two independent halves of the work (the MLP heads' fields, the dense levels, the hashed
+#   levels' feature planes) on two threads with one intra-op thread each, one join per call (run_pair);
+#   work it does not split runs as in ``serial``. Not faster than ``intra_op`` on idle cores (session 15).
+#
+# AMORTIZED3D_SPLIT_THREADS=1 (sessions 9-14) still selects ``split``.
+CPU_THREAD_POLICIES = ("intra_op", "serial", "split")
 
-#: Off by default: AMORTIZED3D_SPLIT_THREADS=1 turns it on. Not measured on idle cores; on the shared 2-core
-#: box (load ~3, both cores busy) a 2-thread training render took 1.89 s split vs 1.15 s serial (the join
-#: waits for the busier core), docs/results.md session 9.
-SPLIT_THREADS = os.environ.get("AMORTIZED3D_SPLIT_THREADS", "0") == "1"
+
+def _policy_from_env() -> str:
+    policy = os.environ.get("AMORTIZED3D_CPU_THREADS") or (
+        "split" if os.environ.get("AMORTIZED3D_SPLIT_THREADS", "0") == "1" else "intra_op")
+    if policy not in CPU_THREAD_POLICIES:
+        raise ValueError(f"AMORTIZED3D_CPU_THREADS must be one of {CPU_THREAD_POLICIES}, got {policy!r}")
+    return policy
+
+
+CPU_THREADS = _policy_from_env()
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def split_in_two(device: torch.device) -> bool:
-    """Whether work on ``device`` should be split over two threads: CPU, the switch on, and at least two
-    intra-op threads allowed (call it before entering :func:`single_thread`)."""
-    return SPLIT_THREADS and device.type == "cpu" and torch.get_num_threads() >= 2
+    """Whether work on ``device`` should be split over two threads: CPU, the ``split`` policy, and at least
+    two intra-op threads allowed (call it before entering :func:`loop_threads`)."""
+    return CPU_THREADS == "split" and device.type == "cpu" and torch.get_num_threads() >= 2
+
+
+def loop_threads(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The intra-op threads of a hot loop on ``device`` that is not split: one (:func:`single_thread`) under
+    the ``serial`` and ``split`` policies on CPU, else unchanged."""
+    if device.type == "cpu" and CPU_THREADS != "intra_op" and torch.get_num_threads() > 1:
+        return single_thread()
+    return contextlib.nullcontext()
 
 
 def _worker(fn: Callable[[], T], grad_enabled: bool) -> T:

@@ -1,6 +1,7 @@
-"""Splitting the render's hot loops over two threads (threads.run_pair) changes nothing but the wall time:
-the MLP heads' fields, the hash grid's dense levels and its hashed levels' feature planes (backward) are
-independent, so the values and gradients are bit-equal to the serial one-thread loops."""
+"""The CPU thread policies of the render's hot loops (threads.py) change nothing but the wall time: the
+intra-op threads, one thread, or two independent halves on two threads (threads.run_pair: the MLP heads'
+fields, the hash grid's dense levels and its hashed levels' feature planes in backward) give bit-equal
+values and gradients."""
 from __future__ import annotations
 
 import threading
@@ -16,8 +17,7 @@ from amortized3d.generators.mlp import chunked_mlp, fuse_heads, kaiming_weights,
 @pytest.fixture
 def two_threads(monkeypatch):
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.setattr(threads, "SPLIT_THREADS", True)  # off by default (not measured on idle cores)
+    torch.set_num_threads(2)  # conftest runs tests on one thread
     yield monkeypatch
     torch.set_num_threads(before)
 
@@ -38,7 +38,7 @@ def _grid_run(enc, x):
     return [out.detach().clone(), enc.table.grad.clone()]
 
 
-def test_split_is_bit_equal_to_serial(two_threads):
+def test_thread_policies_are_bit_equal(two_threads):
     torch.manual_seed(0)
     x = torch.randn(5, 333, 12, requires_grad=True)  # odd batch: halves of 2 and 3 fields
     sdf = [w.requires_grad_() for w in kaiming_weights(mlp_shapes(12, 16, 1), 5)]
@@ -48,17 +48,38 @@ def test_split_is_bit_equal_to_serial(two_threads):
     with torch.no_grad():
         enc.table.normal_()
     pts = torch.rand(3, 2000, 3) * 2.2 - 1.1
-    assert threads.split_in_two(x.device)
-    split = _mlp_run(x, sdf, rgb) + _grid_run(enc, pts)
-    two_threads.setattr(threads, "SPLIT_THREADS", False)
-    assert not threads.split_in_two(x.device)
-    serial = _mlp_run(x, sdf, rgb) + _grid_run(enc, pts)
-    for a, b in zip(split, serial):
-        assert torch.equal(a, b)
+    results = {}
+    for policy in threads.CPU_THREAD_POLICIES:
+        two_threads.setattr(threads, "CPU_THREADS", policy)
+        assert threads.split_in_two(x.device) == (policy == "split")
+        with threads.loop_threads(x.device):  # what a loop that is not split runs on
+            assert torch.get_num_threads() == (2 if policy == "intra_op" else 1)
+        results[policy] = _mlp_run(x, sdf, rgb) + _grid_run(enc, pts)
+    for policy in ("serial", "split"):
+        for a, b in zip(results[policy], results["intra_op"]):
+            assert torch.equal(a, b), policy
+
+
+@pytest.mark.parametrize("env, policy", [({}, "intra_op"), ({"AMORTIZED3D_CPU_THREADS": "serial"}, "serial"),
+                                         ({"AMORTIZED3D_SPLIT_THREADS": "1"}, "split"),
+                                         ({"AMORTIZED3D_CPU_THREADS": "serial", "AMORTIZED3D_SPLIT_THREADS": "1"},
+                                          "serial")])
+def test_policy_from_the_environment(monkeypatch, env, policy):
+    for name in ("AMORTIZED3D_CPU_THREADS", "AMORTIZED3D_SPLIT_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert threads._policy_from_env() == policy
+
+
+def test_an_unknown_policy_is_refused(monkeypatch):
+    monkeypatch.setenv("AMORTIZED3D_CPU_THREADS", "four")
+    with pytest.raises(ValueError, match="intra_op"):
+        threads._policy_from_env()
 
 
 def test_no_split_on_one_thread(monkeypatch):
-    monkeypatch.setattr(threads, "SPLIT_THREADS", True)
+    monkeypatch.setattr(threads, "CPU_THREADS", "split")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

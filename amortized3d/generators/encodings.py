@@ -25,7 +25,6 @@ torch table; the resolved backend is therefore stored in the checkpoint (extra s
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from amortized3d.generators import compiled_levels
 from amortized3d.generators.trilinear import lerp_planes
-from amortized3d.threads import run_pair, single_thread, split_in_two
+from amortized3d.threads import loop_threads, run_pair, split_in_two
 
 Implementation = Literal["auto", "torch", "tcnn"]
 
@@ -500,9 +499,9 @@ class _DenseLevels(torch.autograd.Function):
         if half and split_in_two(u.device):
             run_pair(lambda: scatter(range(half)), lambda: scatter(range(half, len(res))))
         else:
-            # ~100 ops of M elements, each index_add_ serial anyway: on one intra-op thread (with 2 OpenMP
-            # threads on the shared 2-core box every op's barrier waited for a time slice: 1.3x slower).
-            with single_thread() if u.device.type == "cpu" else contextlib.nullcontext():
+            # ~100 ops of M elements, each index_add_ serial anyway; the products between them use the intra-op
+            # threads unless the policy is serial (threads.py: on a shared, loaded box barriers cost 1.3x here).
+            with loop_threads(u.device):
                 scatter(range(len(res)))
         return planes.t(), None, None, None, None
 
@@ -616,10 +615,10 @@ class _HashedLevels(torch.autograd.Function):
         if half and split_in_two(grad.device):  # the features' two halves on two threads (threads.py), bit-equal
             run_pair(lambda: scatter(range(half)), lambda: scatter(range(half, feat)))
         else:
-            # index_add_ is serial anyway: one intra-op thread for the ~40 ops (with 2 OpenMP threads on the shared
-            # 2-core box this backward took 1.4 s instead of 0.8 s in the full-size SD step: barriers, as
-            # _DenseLevels).
-            with single_thread() if grad.device.type == "cpu" else contextlib.nullcontext():
+            # index_add_ is serial anyway; the products use the intra-op threads unless the policy is serial
+            # (threads.py: on the shared, loaded 2-core box this backward took 1.4 s instead of 0.8 s on 2 threads
+            # in the full-size SD step).
+            with loop_threads(grad.device):
                 scatter(range(feat))
         return planes.t(), None, None, None, None, None
 

@@ -7,7 +7,6 @@ never nn.Linear modules.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Literal, Sequence
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from amortized3d.threads import run_pair, single_thread, split_in_two
+from amortized3d.threads import loop_threads, run_pair, split_in_two
 
 Activation = Literal["relu", "silu"]
 LayerShape = tuple[int, int]  # (out_features, in_features), like nn.Linear.weight
@@ -81,10 +80,11 @@ def batched_mlp(x: Tensor, weights: Sequence[Tensor], activation: Activation = "
 # Memory for backward drops from O(N * hidden) to O(N * in). Same function, same gradients.
 
 #: Hidden activations per chunk (elements, summed over the batch): 2^19 fp32 = 2 MiB, so
-#: the chunk's activations stay in cache. Measured on the 2-core EPYC, one thread (see
-#: _one_thread), 8 fields x 49k points x 128 hidden, fwd+bwd CPU time: chunks of 512 / 1024 /
+#: the chunk's activations stay in cache. Measured on the 2-core EPYC, one thread (threads.py's
+#: serial policy), 8 fields x 49k points x 128 hidden, fwd+bwd CPU time: chunks of 512 / 1024 /
 #: 2048 points per field 220 / 230 / 255 ms, one chunk 516 ms, the two-head batched_mlp 620 ms.
-#: On CUDA the whole batch is one chunk (launch overhead, not cache, bounds it there).
+#: On CUDA the whole batch is one chunk (launch overhead, not cache, bounds it there). The chunk also fixes
+#: the order in which the weight gradients sum, so it does not depend on the thread policy (bit-equal results).
 CHUNK_ELEMENTS = 2**19
 
 
@@ -151,7 +151,7 @@ class _ChunkedMLP(torch.autograd.Function):
             halves = run_pair(lambda: _ChunkedMLP._forward(x[:h], activation, chunk, [w[:h] for w in weights]),
                               lambda: _ChunkedMLP._forward(x[h:], activation, chunk, [w[h:] for w in weights]))
             return torch.cat(halves)
-        with _one_thread(x):
+        with loop_threads(x.device):
             return _ChunkedMLP._forward(x, activation, chunk, weights)
 
     @staticmethod
@@ -182,7 +182,7 @@ class _ChunkedMLP(torch.autograd.Function):
                 lambda: _ChunkedMLP._backward(ctx, x[:h], [w[:h] for w in weights], grad_out[:h], needs),
                 lambda: _ChunkedMLP._backward(ctx, x[h:], [w[h:] for w in weights], grad_out[h:], needs))
             return tuple(None if ga is None else torch.cat([ga, gb]) for ga, gb in zip(a, b))
-        with _one_thread(x):
+        with loop_threads(x.device):
             return _ChunkedMLP._backward(ctx, x, weights, grad_out)
 
     @staticmethod
@@ -235,24 +235,6 @@ class _ChunkedMLP(torch.autograd.Function):
                     gh.mul_(_activation_grad(pre[layer - 1], activation))
                 g = gh
         return (grad_x, None, None, *[g if g is None else g.to(w.dtype) for g, w in zip(grad_w, weights)])
-
-
-@contextlib.contextmanager
-def _one_thread(x: Tensor):
-    """Run the chunk loop on one intra-op thread on CPU.
-
-    Each chunk is ~10 small ops. With 2 OpenMP threads every op ends in a barrier, and on a
-    shared, oversubscribed CPU a barrier waits for the other thread's next time slice:
-    measured at load ~20 on the 2-core box, 2-thread chunks were 5-20x SLOWER than the
-    unchunked path, while 1-thread chunks cost 2.8x less CPU and wall time than it
-    (216 vs 620 ms for 8 x 49k points fwd+bwd). One thread gives up ~1.5x on an idle box
-    for that robustness. CUDA is unaffected (one chunk, no OpenMP).
-    """
-    if x.device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    with single_thread():
-        yield
 
 
 class _Buffer:
