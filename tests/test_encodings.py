@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from amortized3d.generators import encodings as enc_mod
 from amortized3d.generators.encodings import HashGridEncoding
-from amortized3d.generators.trilinear import lerp_planes
+from amortized3d.generators.trilinear import grid_sample_points, lerp_planes
 from hash_grid_reference import naive_hash_grid_reference
 
 # Small config with both dense and hashed levels: resolutions 4, 6, 10, 16, 26, 41;
@@ -301,6 +302,46 @@ def test_dense_index_add_backward_matches_reference_and_grid_sample(features):
     for o in outs:
         (o * upstream.float()).sum().backward()
     torch.testing.assert_close(fp32[0].table.grad, fp32[1].table.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_sample_points_is_bit_equal_for_every_batch_count(dtype):
+    """The points split into batches of one expanded volume (grid_sample's CPU kernel is parallel over the batch
+    only) give grid_sample's values bit for bit: uneven splits, more batches than points, points outside."""
+    torch.manual_seed(11)
+    volume = torch.randn(1, 3, 5, 6, 7, dtype=dtype)
+    coords = (torch.rand(1001, 3, dtype=dtype) * 2 - 1) * 1.2
+    expected = F.grid_sample(volume, coords.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
+                             align_corners=True).view(3, -1).t()
+    for batches in (1, 2, 3, 7, 1001, 5000):
+        assert torch.equal(grid_sample_points(volume, coords, batches), expected), batches
+
+
+def test_dense_levels_split_points_over_the_intra_op_threads(monkeypatch):
+    """_DenseLevels' grid_sample forward gives each intra-op thread a batch of points; the encoding's values
+    and table gradient are bit-equal to one batch (one thread)."""
+    torch.manual_seed(5)
+    small = {**SMALL, "log2_hashmap_size": 12}  # levels 0-2 dense
+    enc = HashGridEncoding(**{**small, "implementation": "torch"})
+    with torch.no_grad():
+        enc.table.normal_()
+    x = (torch.rand(2, 777, 3) * 2 - 1) * 1.3
+    upstream = torch.randn(2, 777, enc.output_dim)
+    batches = []
+    monkeypatch.setattr(enc_mod, "grid_sample_points", lambda v, c, b: batches.append(b) or grid_sample_points(v, c, b))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            enc.table.grad = None
+            out = enc(x)
+            (out * upstream).sum().backward()
+            results.append((out.detach(), enc.table.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert batches == [1, 1, 1, 3, 3, 3]
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_dense_backward_rejects_unknown_mode():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amortized3d.generators import compiled_levels
-from amortized3d.generators.trilinear import lerp_planes
+from amortized3d.generators.trilinear import grid_sample_points, lerp_planes
 from amortized3d.threads import loop_threads, run_pair, split_in_two
 
 Implementation = Literal["auto", "torch", "tcnn"]
@@ -457,12 +457,15 @@ class _DenseLevels(torch.autograd.Function):
             return compiled_levels.compiled(compiled_levels.dense_levels)(rows, u, tuple(res))
         sizes = [(n + 1) ** 3 for n in res]
         pieces = rows.split(sizes, dim=0)
-        grid = (u * 2.0 - 1.0).view(1, u.shape[0], 1, 1, 3)
+        coords = u * 2.0 - 1.0
 
         def levels(idx: range) -> list[Tensor]:
             if lookup == "planes":  # the same trilinear lookup from 1D gathers of each feature plane
                 return [lerp_planes(pieces[i].t().contiguous(), res[i] + 1, u.t() * res[i]).t() for i in idx]
-            return [_DenseLevels._level(pieces[i], res[i], grid) for i in idx]
+            # One batch of points per intra-op thread (grid_sample's CPU kernel parallelises over the batch
+            # only; bit-equal); one thread each under the split policy, whose halves already run in parallel.
+            batches = torch.get_num_threads() if u.device.type == "cpu" else 1
+            return [_DenseLevels._level(pieces[i], res[i], coords, batches) for i in idx]
 
         half = len(res) // 2
         if half and split_in_two(u.device):  # the levels' two halves on two threads (threads.py)
@@ -473,11 +476,10 @@ class _DenseLevels(torch.autograd.Function):
         return torch.stack(out, dim=1)                                     # [M, L, F]
 
     @staticmethod
-    def _level(piece: Tensor, n: int, grid: Tensor) -> Tensor:
+    def _level(piece: Tensor, n: int, coords: Tensor, batches: int) -> Tensor:
         feat = piece.shape[-1]
-        vol = piece.view(1, n + 1, n + 1, n + 1, feat).permute(0, 4, 1, 2, 3).to(grid.dtype)
-        level = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        return level.view(feat, grid.shape[1]).t()
+        vol = piece.view(1, n + 1, n + 1, n + 1, feat).permute(0, 4, 1, 2, 3).to(coords.dtype)
+        return grid_sample_points(vol, coords, batches)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -30,4 +31,32 @@ def lerp_planes(planes: Tensor, r: int, pos: Tensor) -> Tensor:
         y0 = torch.lerp(torch.lerp(at(0), at(1), fx), torch.lerp(at(r), at(r + 1), fx), fy)
         y1 = torch.lerp(torch.lerp(at(r * r), at(r * r + 1), fx), torch.lerp(at(r * r + r), at(r * r + r + 1), fx), fy)
         out[ch] = torch.lerp(y0, y1, fz)
+    return out
+
+
+def grid_sample_points(volume: Tensor, coords: Tensor, batches: int = 1) -> Tensor:
+    """``grid_sample(volume [1, C, D, H, W], coords [M, 3] in [-1, 1], bilinear, border, align_corners=True)``
+    -> [M, C], the points split into ``batches`` batches of the same (expanded, not copied) volume.
+
+    Why: on CPU grid_sample's 3D kernel runs its batch dimension in parallel and each batch's points in one
+    serial loop, so one batch of all points runs on one core. Every point's value is computed by the same
+    arithmetic in any batch, so the result is bit-equal for every ``batches`` (tests/test_encodings.py); the
+    ``M mod batches`` points left over go through one more small call. No autograd through it: an expanded
+    volume's gradient would be summed over the batches in another order.
+    """
+    m, c = coords.shape[0], volume.shape[1]
+    per = m // max(batches, 1)
+    if batches <= 1 or per == 0:
+        out = F.grid_sample(volume, coords.view(1, m, 1, 1, 3), mode="bilinear", padding_mode="border",
+                            align_corners=True)
+        return out.view(c, m).t()
+    head = batches * per
+    out = torch.empty(m, c, dtype=volume.dtype, device=volume.device)
+    main = F.grid_sample(volume.expand(batches, -1, -1, -1, -1), coords[:head].view(batches, per, 1, 1, 3),
+                         mode="bilinear", padding_mode="border", align_corners=True)
+    out[:head].view(batches, per, c).copy_(main.view(batches, c, per).transpose(1, 2))
+    if head < m:
+        rest = F.grid_sample(volume, coords[head:].view(1, m - head, 1, 1, 3), mode="bilinear",
+                             padding_mode="border", align_corners=True)
+        out[head:].copy_(rest.view(c, m - head).t())
     return out
