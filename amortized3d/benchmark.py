@@ -17,6 +17,7 @@ from amortized3d.benchmark_steps import make_step_runner
 from amortized3d.build import build_system
 from amortized3d.cameras import CameraBatch, orbit_cameras
 from amortized3d.evaluation.orbit import Orbit
+from amortized3d.generators import encodings
 from amortized3d.generators.conv3d import Conv3dGenerator
 from amortized3d.generators.encodings import HashGridEncoding
 from amortized3d.rendering import baked
@@ -204,7 +205,9 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     configured grid with ``fused_mlp=True``) and "[fused mlp + skip]" (also
     ``renderer.skip_empty_space``), each left out where it is the configured path; generators without
     the MLP switch get "[skip]"; "[session 8]": the configured paths with session 9's kernels off (the dense
-    levels' grid_sample backward, the baked grid's grid_sample lookup; "[old]" has them off too);
+    levels' grid_sample backward, the baked grid's grid_sample lookup; "[old]" has them off too); "[session 16]":
+    the configured paths with the dense levels' grid_sample forward in one batch of points
+    (``encodings.SPLIT_GRID_SAMPLE_POINTS``; bit-equal, one core of grid_sample's CPU kernel);
     ``speedup_vs_old`` is each row's ratio to its "[old]" twin.
 
     ``checkpoint``: render the trained fields of that run (``scripts/train.py``'s ``last.ckpt`` or a
@@ -235,18 +238,21 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
     gen = system.generator
     has_mlp_switch = hasattr(gen, "fused_mlp")
 
-    def configured(fn, fused: bool, fused_mlp: bool, skip: bool, kernels: bool = True):
-        """The same system with the hash grid path, the MLP path, skipping and (``kernels``) session 9's
-        kernels (dense levels' index_add_ backward, baked gather lookup; False: grid_sample's) set per call."""
+    def configured(fn, fused: bool, fused_mlp: bool, skip: bool, kernels: bool = True, split_points: bool = True):
+        """The same system with the hash grid path, the MLP path, skipping, (``kernels``) session 9's
+        kernels (dense levels' index_add_ backward, baked gather lookup; False: grid_sample's) and (``split_points``)
+        session 17's per-thread grid_sample batches set per call."""
         def run():
             before = ([(g.fused, g.dense_backward) for g in grids], getattr(gen, "fused_mlp", None),
-                      system.renderer.skip_empty_space, eval_renderer.skip_empty_space, baked.DEFAULT_LOOKUP)
+                      system.renderer.skip_empty_space, eval_renderer.skip_empty_space, baked.DEFAULT_LOOKUP,
+                      encodings.SPLIT_GRID_SAMPLE_POINTS)
             for g in grids:
                 g.fused, g.dense_backward = fused, ("index_add" if kernels else "grid_sample")
             if has_mlp_switch:
                 gen.fused_mlp = fused_mlp
             system.renderer.skip_empty_space = eval_renderer.skip_empty_space = skip
             baked.DEFAULT_LOOKUP = "gather" if kernels else "grid_sample"
+            encodings.SPLIT_GRID_SAMPLE_POINTS = split_points
             try:
                 return fn()
             finally:
@@ -255,7 +261,7 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
                 if has_mlp_switch:
                     gen.fused_mlp = before[1]
                 system.renderer.skip_empty_space, eval_renderer.skip_empty_space = before[2:4]
-                baked.DEFAULT_LOOKUP = before[4]
+                baked.DEFAULT_LOOKUP, encodings.SPLIT_GRID_SAMPLE_POINTS = before[4:6]
         return run
 
     candidates = {"train: forward+backward": train_render, "eval: direct (no grad)": eval_render(None)}
@@ -266,11 +272,11 @@ def bench_render(overrides: Sequence[str] = (), rounds: int = 5, views: int = 8,
         skip_now = system.renderer.skip_empty_space
         old_path = (False, False, False, False)
         variants = {"[old]": old_path, "": (*now, skip_now, True), "[session 8]": (*now, skip_now, False),
-                    "[two-head mlp]": (now[0], False, False, True),
+                    "[session 16]": (*now, skip_now, True, False), "[two-head mlp]": (now[0], False, False, True),
                     "[fused mlp]": (now[0], True, False, True), "[fused mlp + skip]": (now[0], True, True, True)}
         if not has_mlp_switch:  # e.g. 3DConv-net: no generated MLP heads to fuse
             variants = {"[old]": old_path, "": (*now, skip_now, True), "[session 8]": (*now, skip_now, False),
-                        "[skip]": (*now, True, True)}
+                        "[session 16]": (*now, skip_now, True, False), "[skip]": (*now, True, True)}
         # A variant equal to the configured path would only time it twice.
         variants = {k: v for k, v in variants.items() if k == "" or v != (*now, skip_now, True)}
         candidates = {f"{k} {v}".rstrip(): configured(fn, *flags) for k, fn in candidates.items()

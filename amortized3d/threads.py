@@ -44,6 +44,10 @@ def single_thread() -> Iterator[None]:
 #   levels' feature planes) on two threads with one intra-op thread each, one join per call (run_pair);
 #   work it does not split runs as in ``serial``. Not faster than ``intra_op`` on idle cores (session 15).
 #
+# Under every policy the dense levels' grid_sample forward gives each intra-op thread its own batch of points
+# (session 17, bit-equal): it is one large op per level, not a loop of small ones, and grid_sample's CPU kernel
+# parallelises over the batch only (under ``split`` each half has one thread, so one batch).
+#
 # AMORTIZED3D_SPLIT_THREADS=1 (sessions 9-14) still selects ``split``.
 CPU_THREAD_POLICIES = ("intra_op", "serial", "split")
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from amortized3d.benchmark import bench_render, bench_training_steps
+from amortized3d.generators import encodings
 from conftest import TINY
 
 TINY_BENCH = [o for o in TINY if not o.startswith(("callbacks.", "~callbacks", "trainer.max_steps"))]
@@ -17,7 +18,9 @@ def test_render_benchmark_rows(cache_dir):
     assert train["rays_per_s_vs_train_render"] == 1.0 and train["samples_per_ray"] == 16
     assert {"eval: direct (no grad)", "eval: baked 32^3 grid (no grad)"} <= set(by_variant)
     # analytic hyper_ingp runs the fast path: the previous default is a row, the configured path timed once
-    assert {"train: forward+backward [old]", "train: forward+backward [two-head mlp]"} <= set(by_variant)
+    assert {"train: forward+backward [old]", "train: forward+backward [two-head mlp]",
+            "train: forward+backward [session 16]"} <= set(by_variant)
+    assert encodings.SPLIT_GRID_SAMPLE_POINTS  # the one-batch rows restore the default
     assert "train: forward+backward [fused mlp + skip]" not in by_variant
     for r in rows:
         assert r["seconds"] > 0 and r["rays_per_s"] == pytest.approx(r["rays_per_s_vs_train_render"]

@@ -332,16 +332,18 @@ def test_dense_levels_split_points_over_the_intra_op_threads(monkeypatch):
     threads = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 3):
+        for count, split in ((1, True), (3, True), (3, False)):  # False: the one-batch forward (benchmarks)
             torch.set_num_threads(count)
+            monkeypatch.setattr(enc_mod, "SPLIT_GRID_SAMPLE_POINTS", split)
             enc.table.grad = None
             out = enc(x)
             (out * upstream).sum().backward()
             results.append((out.detach(), enc.table.grad.clone()))
     finally:
         torch.set_num_threads(threads)
-    assert batches == [1, 1, 1, 3, 3, 3]
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert batches == [1, 1, 1, 3, 3, 3, 1, 1, 1]
+    for out, grad in results[1:]:
+        assert torch.equal(results[0][0], out) and torch.equal(results[0][1], grad)
 
 
 def test_dense_backward_rejects_unknown_mode():

@@ -44,6 +44,11 @@ Implementation = Literal["auto", "torch", "tcnn"]
 HASH_PRIMES: tuple[int, int, int] = (1, 2654435761, 805459861)
 
 
+#: Whether _DenseLevels' grid_sample forward gives each CPU intra-op thread a batch of points (session 17; bit-equal
+#: either way). False is the one-batch forward before it, for benchmark.bench_render's "[session 16]" rows.
+SPLIT_GRID_SAMPLE_POINTS = True
+
+
 @functools.lru_cache(maxsize=1)
 def tcnn_status() -> tuple[bool, str]:
     """Whether ``import tinycudann`` works, and why not. Cached: the import is slow."""
@@ -464,7 +469,7 @@ class _DenseLevels(torch.autograd.Function):
                 return [lerp_planes(pieces[i].t().contiguous(), res[i] + 1, u.t() * res[i]).t() for i in idx]
             # One batch of points per intra-op thread (grid_sample's CPU kernel parallelises over the batch
             # only; bit-equal); one thread each under the split policy, whose halves already run in parallel.
-            batches = torch.get_num_threads() if u.device.type == "cpu" else 1
+            batches = torch.get_num_threads() if u.device.type == "cpu" and SPLIT_GRID_SAMPLE_POINTS else 1
             return [_DenseLevels._level(pieces[i], res[i], coords, batches) for i in idx]
 
         half = len(res) // 2
