@@ -136,8 +136,9 @@ class HashGridEncoding(nn.Module):
         if dense_lookup not in ("grid_sample", "planes"):
             raise ValueError(f"dense_lookup must be 'grid_sample' or 'planes', got {dense_lookup!r}")
         # The eager forward of those dense levels: "grid_sample" (its 3D kernel) or "planes" (1D gathers of each
-        # feature plane + lerps, trilinear.lerp_planes): equal to rounding; faster on the AMD CPUs measured, slower
-        # on an Intel one (docs/results.md, session 14). compile=True replaces both.
+        # feature plane + lerps, trilinear.lerp_planes): equal to rounding; faster than grid_sample in one batch on the
+        # AMD CPUs measured and slower on an Intel one (session 14), no faster than grid_sample's per-thread batches
+        # (session 17, docs/results.md). compile=True replaces both.
         self.dense_lookup = dense_lookup
         self.output_dim = n_levels * n_features_per_level
         self.implementation: str = self._resolve(implementation)

@@ -13,7 +13,8 @@ def lerp_planes(planes: Tensor, r: int, pos: Tensor) -> Tensor:
     positions, to float rounding. Per channel plane (a contiguous 1D vector) the 8 corners are 8 ``index_select``s
     of the cells' base index into views shifted by each corner's offset (a tight 1D loop), combined by 7 lerps over
     contiguous N-vectors; the base index and fractions are computed once for all channels. On the 2-core EPYCs 1.4-3x
-    faster than grid_sample's 3D kernel, on session 12's Xeon 0.87x (docs/results.md).
+    faster than grid_sample's 3D kernel in one batch (one core), on session 12's Xeon 0.87x; on par with
+    :func:`grid_sample_points` on all cores (docs/results.md, sessions 14 and 17).
     """
     pos = pos.clamp(0, r - 1)                                            # border padding
     cell = torch.clamp(pos.floor(), max=r - 2)
