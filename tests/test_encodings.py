@@ -315,6 +315,7 @@ def test_grid_sample_points_is_bit_equal_for_every_batch_count(dtype):
                              align_corners=True).view(3, -1).t()
     for batches in (1, 2, 3, 7, 1001, 5000):
         assert torch.equal(grid_sample_points(volume, coords, batches), expected), batches
+    assert torch.equal(grid_sample_points(volume, coords.t().contiguous().t(), 2), expected)  # strided points
 
 
 def test_dense_levels_split_points_over_the_intra_op_threads(monkeypatch):

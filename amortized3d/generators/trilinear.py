@@ -48,16 +48,16 @@ def grid_sample_points(volume: Tensor, coords: Tensor, batches: int = 1) -> Tens
     m, c = coords.shape[0], volume.shape[1]
     per = m // max(batches, 1)
     if batches <= 1 or per == 0:
-        out = F.grid_sample(volume, coords.view(1, m, 1, 1, 3), mode="bilinear", padding_mode="border",
+        out = F.grid_sample(volume, coords.reshape(1, m, 1, 1, 3), mode="bilinear", padding_mode="border",
                             align_corners=True)
         return out.view(c, m).t()
     head = batches * per
     out = torch.empty(m, c, dtype=volume.dtype, device=volume.device)
-    main = F.grid_sample(volume.expand(batches, -1, -1, -1, -1), coords[:head].view(batches, per, 1, 1, 3),
+    main = F.grid_sample(volume.expand(batches, -1, -1, -1, -1), coords[:head].reshape(batches, per, 1, 1, 3),
                          mode="bilinear", padding_mode="border", align_corners=True)
     out[:head].view(batches, per, c).copy_(main.view(batches, c, per).transpose(1, 2))
     if head < m:
-        rest = F.grid_sample(volume, coords[head:].view(1, m - head, 1, 1, 3), mode="bilinear",
+        rest = F.grid_sample(volume, coords[head:].reshape(1, m - head, 1, 1, 3), mode="bilinear",
                              padding_mode="border", align_corners=True)
         out[head:].copy_(rest.view(c, m - head).t())
     return out
