@@ -11,6 +11,7 @@ from amortized3d.cameras import CameraBatch, make_cameras
 from amortized3d.rendering import (RandomColorBackground, SolidBackground, VolumeRenderer, composite_weights,
                                    sample_pdf, trunc_exp, volsdf_density)
 from amortized3d.rendering.regularizers import MAX_OPAQUE
+from amortized3d.rendering.volume_renderer import kept_first
 
 D, R = 1.5, 0.5  # camera distance, sphere radius
 
@@ -352,6 +353,20 @@ def test_empty_space_skipping_matches_the_full_path(training: bool) -> None:
     # Same proposal pass; the gradient pass queries (padded to the fuller field) ~half the samples.
     assert calls1[0] == calls0[0]
     assert calls1[1][1] < 0.6 * calls0[1][1]
+
+
+def test_kept_first_is_the_stable_sort_of_the_dropped() -> None:
+    """kept_first (one nonzero per row on CPU) packs exactly the indices the stable argsort of ~keep does: each
+    row's kept samples in order, then its dropped ones in order, cut to k; rows that keep all, none or fewer
+    than k, and k = 0."""
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(6, 257, generator=gen) < torch.tensor([0.0, 0.05, 0.3, 0.9, 1.0, 0.5])[:, None]
+    for k in (0, 1, int(keep.sum(1).max()), 257):
+        expected = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+        assert torch.equal(kept_first(keep, k), expected), k
+    one = torch.rand(1, 100_000, generator=gen) < 0.2  # an evaluation chunk: one field, many samples
+    k = int(one.sum())
+    assert torch.equal(kept_first(one, k), one[0].nonzero().T)
 
 
 class GeometrySphereField(SphereField):
