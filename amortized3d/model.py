@@ -82,11 +82,14 @@ class AmortizedModel(nn.Module):
         """
         text_emb, ids = self.embed(prompts)
         field = self.generator(text_emb, ids)
+        renderer = renderer or self.renderer
         if bake is not None:
-            field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device)
-        return (renderer or self.renderer)(field, cameras.to(self.device), background=background or self.eval_background,
-                                           compute_normals=compute_normals, regularizers=regularizers,
-                                           rng=rng)
+            # The renderer's samples lie in its bound sphere (the normals' stencil up to normal_eps outside).
+            sphere = (None if renderer.bound_radius is None
+                      else renderer.bound_radius + (renderer.normal_eps if compute_normals else 0.0))
+            field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device, sphere=sphere)
+        return renderer(field, cameras.to(self.device), background=background or self.eval_background,
+                        compute_normals=compute_normals, regularizers=regularizers, rng=rng)
 
     def renderable(self, prompts: Sequence[str]) -> list[str]:
         """The prompts this generator can render (per-prompt generators: only their training prompts)."""

@@ -8,6 +8,8 @@ apply unchanged. tests/test_rendering.py bounds the difference to direct renderi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,6 +17,10 @@ from torch import Tensor
 from amortized3d.generators.base import Field
 from amortized3d.generators.trilinear import lerp_planes
 
+
+#: (geometry, albedo) of the vertices a sphere-bounded bake never reads: empty space of each field kind (an SDF
+#: far outside the bound, a density whose activation is ~0), black.
+_EMPTY = {"sdf": (10.0, 0.0, 0.0, 0.0), "density": (-10.0, 0.0, 0.0, 0.0)}
 
 #: The lookup of a BakedField built without ``lookup=`` (the evaluation's): "gather" (session 9) or
 #: "grid_sample" (before); a module setting so that scripts/benchmark.py can time both in one run.
@@ -25,10 +31,17 @@ class BakedField:
     """``Field`` protocol over a [B, 4, R, R, R] grid of (geometry, albedo) on [-bound, bound]^3."""
 
     def __init__(self, field: Field, resolution: int = 96, bound: float = 1.0, chunk: int = 262144,
-                 device: torch.device | str = "cpu", lookup: str | None = None):
+                 device: torch.device | str = "cpu", lookup: str | None = None, sphere: float | None = None):
+        """``sphere``: the radius of the ball that every point later looked up lies in (the renderer's
+        ``bound_radius``: its samples lie inside that sphere), or None (anywhere: border clamping reads the
+        whole grid). With a sphere only the vertices that a trilinear lookup inside it can read are queried;
+        the others (the grid's corners, 45% of a cube's vertices around its inscribed sphere) hold the
+        empty-space value ``_EMPTY`` and are never read, so renders are unchanged (tests/test_baked.py)."""
         lookup = DEFAULT_LOOKUP if lookup is None else lookup
         if lookup not in ("gather", "grid_sample"):
             raise ValueError(f"lookup must be 'gather' or 'grid_sample', got {lookup!r}")
+        if sphere is not None and sphere <= 0:
+            raise ValueError(f"sphere must be a positive radius or None, got {sphere}")
         self.kind = field.kind
         self.bound = float(bound)
         # gather: trilinear lookup from 1D gathers of each channel plane (_lerp_planes; 2.5-3x faster
@@ -38,13 +51,26 @@ class BakedField:
         # grid_sample's volume is indexed [z, y, x] and its coordinates are (x, y, z)
         z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
         points = torch.stack([x, y, z], dim=-1).reshape(1, -1, 3)
+        readable = None
+        if sphere is not None:
+            # A point p reads the 8 vertices of its cell, each within one cell diagonal of p (+1% for rounding).
+            reach = sphere + 1.01 * math.sqrt(3.0) * 2.0 * self.bound / (resolution - 1)
+            readable = points[0].square().sum(-1) <= reach * reach
+            if bool(readable.all()):
+                readable = None
+            else:
+                points = points[:, readable]
         values = []
         with torch.no_grad():
             for start in range(0, points.shape[1], chunk):
                 p = points[:, start:start + chunk].expand(field.batch_size, -1, -1)
                 geometry, albedo = field.query(p)
                 values.append(torch.cat([geometry[..., None], albedo], dim=-1).float())
-        grid = torch.cat(values, dim=1)  # [B, R^3, 4]
+        grid = torch.cat(values, dim=1)  # [B, R^3 or readable vertices, 4]
+        if readable is not None:
+            full = grid.new_tensor(_EMPTY[self.kind]).expand(field.batch_size, resolution**3, 4).clone()
+            full[:, readable] = grid
+            grid = full
         self.volume = grid.reshape(field.batch_size, resolution, resolution, resolution, 4).permute(0, 4, 1, 2, 3)
         # Outside the grid, border clamping repeats the boundary values: empty space for SDFs (a
         # positive distance) and for densities alike, as long as the object lies inside the grid.
