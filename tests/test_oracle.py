@@ -4,13 +4,29 @@ import math
 import torch
 
 from amortized3d.evaluation.evaluate import summarize_rows
-from amortized3d.evaluation.oracle import oracle_views, pairwise_mse
+from amortized3d.evaluation.oracle import ReferenceRows, oracle_views, pairwise_mse
 
 
 def test_pairwise_mse_matches_brute_force():
     a, b = torch.rand(5, 12), torch.rand(7, 12)
     brute = ((a[:, None] - b[None]) ** 2).mean(-1)
     assert torch.allclose(pairwise_mse(a, b), brute.double(), atol=1e-12)
+
+
+def test_reference_rows_built_once_give_the_per_call_scores_bit_for_bit():
+    """The scorer's float64 rows + norms, built once, give every prompt's MSE, PSNR and R@1 exactly as the
+    per-call conversion does (the formula of pairwise_mse, whose brute-force check is above)."""
+    gen = torch.Generator().manual_seed(0)
+    refs, objects = torch.rand(40, 3, 4, 4, generator=gen), torch.arange(40) // 4
+    rows = ReferenceRows(refs)
+    assert rows.rows.dtype == torch.float64 and rows.rows.shape == (40, 48)
+    for own in (0, [3, 7]):
+        views = torch.rand(6, 3, 4, 4, generator=gen)
+        a, b = views.flatten(1).double(), refs.flatten(1).double()  # pairwise_mse before session 18
+        per_call = ((a * a).sum(1, keepdim=True) - 2.0 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0.0) / 48
+        assert torch.equal(rows.mse(views.flatten(1)), per_call)
+        once, each = oracle_views(views, rows, objects, own), oracle_views(views, refs, objects, own)
+        assert torch.equal(once.psnr, each.psnr) and torch.equal(once.r_at_1, each.r_at_1)
 
 
 def test_psnr_to_nearest_own_reference_and_r_at_1():

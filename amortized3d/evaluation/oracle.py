@@ -19,20 +19,39 @@ class OracleResult:
     r_at_1: Tensor  # [V] 1.0 where the nearest reference over all objects is the own object
 
 
+class ReferenceRows:
+    """Reference images [M, ...] as float64 rows [M, D] with their squared norms, for many :meth:`mse` calls.
+
+    An evaluation scores every prompt against the same references: converting them and summing their squares
+    once instead of per prompt makes the oracle's scoring 2.9x faster (3600 references of 3072 values: 134 -> 47 ms
+    per prompt on session 18's CPU), with the same operations on the same values (bit-equal).
+    """
+
+    def __init__(self, references: Tensor):
+        self.rows = references.flatten(1).double()
+        self.squared_norms = (self.rows * self.rows).sum(1)
+
+    def mse(self, a: Tensor) -> Tensor:
+        """Mean squared error between every row of ``a`` [n, D] and every reference -> [n, M] (float64)."""
+        a = a.double()
+        d = (a * a).sum(1, keepdim=True) - 2.0 * a @ self.rows.T + self.squared_norms[None]
+        return d.clamp_min(0.0) / a.shape[1]
+
+
 def pairwise_mse(a: Tensor, b: Tensor) -> Tensor:
     """Mean squared error between every row of a [n,D] and b [m,D] -> [n,m] (float64 for accuracy)."""
-    a, b = a.double(), b.double()
-    d = (a * a).sum(1, keepdim=True) - 2.0 * a @ b.T + (b * b).sum(1)[None]
-    return d.clamp_min(0.0) / a.shape[1]
+    return ReferenceRows(b).mse(a)
 
 
-def oracle_views(generated: Tensor, references: Tensor, reference_objects: Tensor,
+def oracle_views(generated: Tensor, references: Tensor | ReferenceRows, reference_objects: Tensor,
                  own_object: int | Sequence[int]) -> OracleResult:
-    """``generated`` [V,3,H,W] in [0,1]; ``references`` [M,3,H,W] of all objects; ids [M].
+    """``generated`` [V,3,H,W] in [0,1]; ``references`` [M,3,H,W] of all objects (or their
+    :class:`ReferenceRows`, built once for many calls); ids [M].
 
     ``own_object``: the prompt's object, or the set of its valid objects (open world): then R@1 = the
     nearest reference is of any of them and PSNR is to the nearest reference of any of them."""
-    mse = pairwise_mse(generated.flatten(1), references.flatten(1))  # [V, M]
+    rows = references if isinstance(references, ReferenceRows) else ReferenceRows(references)
+    mse = rows.mse(generated.flatten(1))  # [V, M]
     own_ids = torch.as_tensor(own_object, dtype=torch.long).reshape(-1)
     own = torch.isin(reference_objects, own_ids)
     if not own.any():

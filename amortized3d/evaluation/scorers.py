@@ -12,7 +12,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from amortized3d.evaluation.oracle import oracle_references, oracle_views
+from amortized3d.evaluation.oracle import ReferenceRows, oracle_references, oracle_views
 from amortized3d.evaluation.retrieval import CandidateIndex, retrieve
 from amortized3d.text.cache import EmbeddingCache
 
@@ -57,11 +57,12 @@ class OracleScorer:
         self.world = world
         self.references, self.objects = oracle_references(world, all_prompts, cameras, renderer, bake,
                                                           None if cache_dir is None else str(cache_dir))
+        self.reference_rows = ReferenceRows(self.references)  # float64 once, not per scored prompt
 
     def score(self, index: int, prompt: str, renders: Tensor) -> dict[str, Tensor]:
         from amortized3d.scenes.open_world import prompt_objects
 
-        res = oracle_views(renders, self.references, self.objects, prompt_objects(self.world, prompt))
+        res = oracle_views(renders, self.reference_rows, self.objects, prompt_objects(self.world, prompt))
         return {"r_at_1": res.r_at_1, "psnr": res.psnr}
 
 
