@@ -88,7 +88,7 @@ def test_sphere_bake_queries_only_the_vertices_a_render_reads(monkeypatch, looku
     """With ``sphere`` (the renderer's bound sphere) the bake queries ~56% of the vertices, and the others are
     never read: filled with NaN, which any lookup weight (even 0) would spread, the renders, normals and
     lookups inside the sphere equal the full bake's bit for bit (eval and jittered training samples, with and
-    without skipping); AmortizedModel.render passes the sphere, widened by the normals' stencil."""
+    without skipping; with normals the sphere is widened by their stencil, as AmortizedModel.render does)."""
     torch.manual_seed(0)
     gen = HyperIngpGenerator(text_dim=16, encoding=dict(n_levels=4, log2_hashmap_size=14, base_resolution=8,
                                                         per_level_scale=1.5, bound=1.0, implementation="torch"))

@@ -35,7 +35,7 @@ class BakedField:
         """``sphere``: the radius of the ball that every point later looked up lies in (the renderer's
         ``bound_radius``: its samples lie inside that sphere), or None (anywhere: border clamping reads the
         whole grid). With a sphere only the vertices that a trilinear lookup inside it can read are queried;
-        the others (the grid's corners, 45% of a cube's vertices around its inscribed sphere) hold the
+        the others (the grid's corners: 44% of a 96^3 grid around its inscribed sphere) hold the
         empty-space value ``_EMPTY`` and are never read, so renders are unchanged (tests/test_baked.py)."""
         lookup = DEFAULT_LOOKUP if lookup is None else lookup
         if lookup not in ("gather", "grid_sample"):
