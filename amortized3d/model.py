@@ -84,10 +84,8 @@ class AmortizedModel(nn.Module):
         field = self.generator(text_emb, ids)
         renderer = renderer or self.renderer
         if bake is not None:
-            # The renderer's samples lie in its bound sphere (the normals' stencil up to normal_eps outside).
-            sphere = (None if renderer.bound_radius is None
-                      else renderer.bound_radius + (renderer.normal_eps if compute_normals else 0.0))
-            field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device, sphere=sphere)
+            field = BakedField(field, resolution=bake[0], bound=bake[1], device=self.device,
+                               sphere=renderer.lookup_sphere(compute_normals))
         return renderer(field, cameras.to(self.device), background=background or self.eval_background,
                         compute_normals=compute_normals, regularizers=regularizers, rng=rng)
 

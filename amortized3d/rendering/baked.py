@@ -33,7 +33,7 @@ class BakedField:
     def __init__(self, field: Field, resolution: int = 96, bound: float = 1.0, chunk: int = 262144,
                  device: torch.device | str = "cpu", lookup: str | None = None, sphere: float | None = None):
         """``sphere``: the radius of the ball that every point later looked up lies in (the renderer's
-        ``bound_radius``: its samples lie inside that sphere), or None (anywhere: border clamping reads the
+        ``lookup_sphere()``: its samples lie inside its bound sphere), or None (anywhere: border clamping reads the
         whole grid). With a sphere only the vertices that a trilinear lookup inside it can read are queried;
         the others (the grid's corners: 44% of a 96^3 grid around its inscribed sphere) hold the
         empty-space value ``_EMPTY`` and are never read, so renders are unchanged (tests/test_baked.py)."""

@@ -199,6 +199,14 @@ class VolumeRenderer(nn.Module):
             terms["eikonal"] = torch.stack([p.eikonal_sum for p in parts]).sum(dim=0) / total
         return RenderOutput(rgb=rgb, opacity=opacity, depth=image("depth"), normal=normal, regularizers=terms)
 
+    def lookup_sphere(self, compute_normals: bool = False) -> float | None:
+        """The radius of the ball every point this renderer queries lies in, or None (unbounded): its samples lie
+        in the bound sphere, and with ``compute_normals`` the normals' stencil reaches ``normal_eps`` beyond it.
+        A baked field needs only the vertices a lookup inside it can read (rendering/baked.py)."""
+        if self.bound_radius is None:
+            return None
+        return self.bound_radius + (self.normal_eps if compute_normals else 0.0)
+
     def proposal_needs_albedo(self, skip: bool = True) -> bool:
         """Whether the no-grad proposal must query albedo: only skipped samples read it (``skip``: skipping is
         allowed for this render, i.e. no eikonal term), and only with ``proposal_albedo``."""

@@ -71,7 +71,7 @@ def render_objects(world: PrimitivesWorld, object_ids: Tensor, cameras: CameraBa
         cams = cameras.index(slice(start * views, (start + len(ids)) * views))
         field = world.field(ids)
         if bake is not None:
-            field = BakedField(field, resolution=bake[0], bound=bake[1], sphere=renderer.bound_radius)
+            field = BakedField(field, resolution=bake[0], bound=bake[1], sphere=renderer.lookup_sphere())
         out.append(renderer(field, cams, background=SolidBackground()).rgb.cpu())
     return torch.cat(out)
 
