@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from amortized3d.evaluation.oracle import oracle_views, pairwise_mse
+from amortized3d.evaluation.oracle import ReferenceRows, oracle_from_mse
 
 MIN_AGREEMENT = 0.5
 
@@ -48,10 +48,12 @@ class Landing:
     oracle_psnr: float  # oracle PSNR to the nearest reference of any valid object (mean over views)
 
 
-def particle_landing(renders: Tensor, references: Tensor, reference_objects: Tensor, valid: Sequence[int],
-                     min_agreement: float = MIN_AGREEMENT) -> Landing:
-    """``renders`` [V,3,H,W] of one particle; ``references`` [M,3,H,W] of all objects, ids [M]."""
-    mse = pairwise_mse(renders.flatten(1), references.flatten(1))  # [V, M]
+def particle_landing(renders: Tensor, references: Tensor | ReferenceRows, reference_objects: Tensor,
+                     valid: Sequence[int], min_agreement: float = MIN_AGREEMENT) -> Landing:
+    """``renders`` [V,3,H,W] of one particle; ``references`` [M,3,H,W] of all objects (or their ReferenceRows,
+    built once for many particles), ids [M]."""
+    rows = references if isinstance(references, ReferenceRows) else ReferenceRows(references)
+    mse = rows.mse(renders.flatten(1))  # [V, M]
     objects = torch.unique(reference_objects)
     nearest = torch.stack([mse[:, reference_objects == o].min(dim=1).values for o in objects], dim=1)  # [V, O]
     distance = nearest.mean(0)  # D(o)
@@ -62,7 +64,7 @@ def particle_landing(renders: Tensor, references: Tensor, reference_objects: Ten
     agreement = float(votes[best]) / len(renders)
     psnr = float(-10.0 * torch.log10(distance[best].clamp_min(1e-10)))
     is_valid = obj in {int(v) for v in valid}
-    oracle = oracle_views(renders, references, reference_objects, list(valid))
+    oracle = oracle_from_mse(mse, reference_objects, list(valid))
     return Landing(obj, agreement, psnr, is_valid, is_valid and agreement >= min_agreement,
                    float(oracle.r_at_1.mean()), float(oracle.psnr.mean()))
 
@@ -137,6 +139,7 @@ def evaluate_diversity(model, prompts: Sequence[str], world, references: Tensor,
     from amortized3d.scenes.open_world import prompt_objects
 
     n = num_particles(model.generator)
+    rows = ReferenceRows(references)  # float64 once for every particle of every prompt
     per_prompt = {}
     for prompt in prompts:
         valid = prompt_objects(world, prompt)
@@ -146,6 +149,6 @@ def evaluate_diversity(model, prompts: Sequence[str], world, references: Tensor,
                 renders = render(model, prompt)
             if not torch.isfinite(renders).all():  # (evaluate.check_finite_renders: evaluate imports this module)
                 raise ValueError(f"renders of prompt {prompt!r}, particle {i}, hold NaN/inf: refusing to score them")
-            landings.append(particle_landing(renders, references, reference_objects, valid, min_agreement))
+            landings.append(particle_landing(renders, rows, reference_objects, valid, min_agreement))
         per_prompt[prompt] = prompt_diversity(landings, valid, world.prompt)
     return {"min_agreement": min_agreement, "overall": summarize_diversity(per_prompt), "per_prompt": per_prompt}

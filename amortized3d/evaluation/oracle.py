@@ -51,7 +51,11 @@ def oracle_views(generated: Tensor, references: Tensor | ReferenceRows, referenc
     ``own_object``: the prompt's object, or the set of its valid objects (open world): then R@1 = the
     nearest reference is of any of them and PSNR is to the nearest reference of any of them."""
     rows = references if isinstance(references, ReferenceRows) else ReferenceRows(references)
-    mse = rows.mse(generated.flatten(1))  # [V, M]
+    return oracle_from_mse(rows.mse(generated.flatten(1)), reference_objects, own_object)
+
+
+def oracle_from_mse(mse: Tensor, reference_objects: Tensor, own_object: int | Sequence[int]) -> OracleResult:
+    """:func:`oracle_views` from the views' MSE to every reference [V, M] (for callers that already have it)."""
     own_ids = torch.as_tensor(own_object, dtype=torch.long).reshape(-1)
     own = torch.isin(reference_objects, own_ids)
     if not own.any():
