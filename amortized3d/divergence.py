@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from amortized3d.optim import grads_are_finite
+from amortized3d.optim import all_finite, grads_are_finite
 from amortized3d.row_sparse import touched_rows
 
 
@@ -74,9 +74,7 @@ class DivergenceGuard:
                 torch._foreach_copy_(backup, [p.detach() for p in dense])
             saved = {i: params[i].detach().index_select(0, r) for i, r in rows.items()}
         (step or optimizer.step)()
-        checks = [torch.isfinite(p).all() for p in dense]
-        checks += [torch.isfinite(params[i].detach().index_select(0, r)).all() for i, r in rows.items()]
-        ok = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
+        ok = all_finite([p.detach() for p in dense] + [params[i].detach().index_select(0, r) for i, r in rows.items()])
         if self._everywhere(ok):
             return True
         with torch.no_grad():

@@ -19,7 +19,7 @@ from amortized3d.cameras import sample_cameras
 from amortized3d.data import PromptDataModule, ShardLayout, step_rng
 from amortized3d.divergence import DivergenceGuard
 from amortized3d.guidance.base import GuidanceInput
-from amortized3d.optim import build_optimizer
+from amortized3d.optim import all_finite, build_optimizer
 from amortized3d.toys import gaussian_2d
 from amortized3d.build import build_system
 from amortized3d.update_order import StepParts, UpdateOrderExecutor, build_auxiliary_optimizer
@@ -185,6 +185,24 @@ def test_guard_skips_nonfinite_gradients_and_drops_them():
     assert not guard.all_finite(opt) and w.grad is None and guard.nonfinite_steps == 1
     w.grad = torch.ones(3)
     assert guard.all_finite(opt) and guard.nonfinite_steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_is_elementwise_finiteness_where_a_sum_would_overflow(dtype):
+    """The guard's check (a float64 sum per tensor) against ``isfinite().all()``: the largest finite values
+    (whose sum in their own dtype overflows), one inf or NaN anywhere, +inf with -inf, empty tensors."""
+    big = torch.finfo(dtype).max
+    cases = {"largest finite": [torch.full((1000,), big, dtype=dtype), torch.full((7,), -big, dtype=dtype)],
+             "empty": [torch.zeros(0, dtype=dtype)], "none": []}
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.full((4, 5), big, dtype=dtype)
+        t[2, 3] = bad
+        cases[f"one {bad}"] = [torch.ones(3, dtype=dtype), t]
+    cases["inf and -inf"] = [torch.tensor([float("inf"), float("-inf")], dtype=dtype)]
+    for name, tensors in cases.items():
+        expected = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert bool(all_finite(tensors)) == expected, name
+    assert not bool(all_finite([torch.ones(3), torch.tensor([float("nan")])]))  # mixed dtypes in one call
 
 
 def test_guard_rolls_back_an_update_that_makes_weights_nonfinite():
