@@ -1,13 +1,18 @@
-"""Lightning callbacks: validation render grids to disk and to the active logger."""
+"""Lightning callbacks: validation render grids to disk and to the active logger, metrics during training,
+the progress bar, and the preemption handler (SIGTERM / SIGUSR1 / SIGINT save ``last.ckpt`` and stop)."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 import numpy as np
 
 from amortized3d.atomic import atomic_write
+from amortized3d.run_guard import Interrupted
 
 
 class ValidationRenderWriter(L.Callback):
@@ -127,3 +132,61 @@ class StepProgressBar(RichProgressBar):
             description += f" · {trainer.max_steps} steps"
         # as the stock bar: padded to the validation bar's description, so the two do not flicker
         return f"{description:{len(self.validation_description)}}"
+
+
+PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                       getattr(signal, "SIGINT", None)) if s is not None)
+
+
+class PreemptionHandler(L.Callback):
+    """SIGTERM / SIGUSR1 / SIGINT during training: finish the step, save ``last.ckpt``, stop.
+
+    Installed at ``on_train_start`` (after Lightning's own SIGTERM handler, which it replaces for
+    the duration of training; Lightning restores the previous handlers at teardown). The request
+    is reduced over ranks at each step end, so every DDP rank saves and stops at the same step.
+    A second SIGINT while stopping interrupts at once.
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in PREEMPTION_SIGNALS:
+            self._previous[s] = signal.getsignal(s)
+            signal.signal(s, self._handle)
+
+    def _restore(self) -> None:
+        for s, h in self._previous.items():
+            if h is not None:
+                signal.signal(s, h)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        local = self.received is not None
+        stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
+        if not stop:
+            return
+        signum = self.received or signal.SIGTERM
+        path = self.checkpoint_dir / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self._restore()
+        name = signal.Signals(signum).name
+        raise Interrupted(f"interrupted at step {trainer.global_step} ({name}); resume with ckpt_path={path}",
+                          signum)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()

@@ -12,8 +12,11 @@ a different experiment, and stop cleanly on preemption.
   may change (lr, max_steps extension, logging) are returned to be applied and recorded. A config
   recorded in an older layout (``config_version``) is migrated first
   (:mod:`amortized3d.config_version`), so a moved key is not a changed experiment.
-* :class:`PreemptionHandler`: SIGTERM / SIGUSR1 / SIGINT save ``last.ckpt`` and stop the run
-  with :class:`Interrupted` ("interrupted at step N; resume with ckpt_path=...").
+* :class:`Interrupted`: what :class:`amortized3d.callbacks.PreemptionHandler` raises after SIGTERM / SIGUSR1 /
+  SIGINT saved ``last.ckpt`` ("interrupted at step N; resume with ckpt_path=...").
+
+Lightning-free (omegaconf and the standard library; torch only inside the checkpoint and world checks), so
+``scripts/train.py`` reports a mistyped config value before Lightning is imported (5-8 s on a 2-core CPU).
 
 Every user-facing failure is a :class:`RunError`: ``scripts/train.py`` prints its message as
 one ``error: ...`` line (no traceback) and exits with ``exit_code``.
@@ -22,11 +25,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from amortized3d.allocator import MODES as ALLOCATOR_MODES
@@ -380,62 +381,3 @@ def check_text_encoder(meta: Mapping, identity: str | None, force: bool = False)
         raise ResumeMismatchError(
             f"ckpt_path={meta.get('path')} was trained with text encoder {old!r}, this run uses {identity!r}; "
             f"resume anyway with {FORCE_OVERRIDE}")
-
-
-# ------------------------------------------------------------------------------------- signals
-PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
-                                       getattr(signal, "SIGINT", None)) if s is not None)
-
-
-class PreemptionHandler(L.Callback):
-    """SIGTERM / SIGUSR1 / SIGINT during training: finish the step, save ``last.ckpt``, stop.
-
-    Installed at ``on_train_start`` (after Lightning's own SIGTERM handler, which it replaces for
-    the duration of training; Lightning restores the previous handlers at teardown). The request
-    is reduced over ranks at each step end, so every DDP rank saves and stops at the same step.
-    A second SIGINT while stopping interrupts at once.
-    """
-
-    def __init__(self, checkpoint_dir: str | os.PathLike):
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for s in PREEMPTION_SIGNALS:
-            self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._handle)
-
-    def _restore(self) -> None:
-        for s, h in self._previous.items():
-            if h is not None:
-                signal.signal(s, h)
-        self._previous = {}
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        local = self.received is not None
-        stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
-        if not stop:
-            return
-        signum = self.received or signal.SIGTERM
-        path = self.checkpoint_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
-        self._restore()
-        name = signal.Signals(signum).name
-        raise Interrupted(f"interrupted at step {trainer.global_step} ({name}); resume with ckpt_path={path}",
-                          signum)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()

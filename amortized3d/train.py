@@ -31,10 +31,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from amortized3d.allocator import configure_cpu_allocator
 from amortized3d.atomic import atomic_write
 from amortized3d.build import build_system, load_run_corpus, resolved_config
+from amortized3d.callbacks import PreemptionHandler
 from amortized3d.checkpoint_io import AtomicCheckpointIO
 from amortized3d.data import PromptDataModule
 from amortized3d.evaluation.final import evaluate_run
-from amortized3d.run_guard import (PreemptionHandler, check_corpus_splits, check_run_dir, check_text_encoder,
+from amortized3d.run_guard import (check_corpus_splits, check_run_dir, check_text_encoder,
                                    check_world_prompts, clean_stale_temp_files, compare_resume, load_checkpoint_meta,
                                    validate_config)
 from amortized3d.scenes.world import build_world

@@ -14,13 +14,15 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from amortized3d.console import report_outputs, setup_console
-
-    setup_console()  # Lightning's lines once, no tips (amortized3d/console.py)
-    from amortized3d.run_guard import Interrupted, RunError
-    from amortized3d.train import train
+    from amortized3d.run_guard import Interrupted, RunError, validate_config
 
     try:
+        validate_config(cfg)  # a mistyped value is reported before Lightning's 5-10 s import
+        from amortized3d.console import report_outputs, setup_console
+
+        setup_console()  # Lightning's lines once, no tips (amortized3d/console.py)
+        from amortized3d.train import train
+
         train(cfg)
         report_outputs(cfg.paths.output_dir)
     except RunError as e:  # a failure the user can act on: its message, no traceback

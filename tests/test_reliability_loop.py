@@ -365,8 +365,14 @@ def test_mistyped_config_value_fails_at_once_naming_key_and_value(tmp_path, over
 
 
 def test_train_script_reports_a_config_error_in_one_line(tmp_path, cache_dir):
+    """... before Lightning is imported (its import takes 5-10 s on a 2-core CPU): here a ``lightning``
+    that fails to import is first on the path, so the old order (import, then validate) ends in a traceback."""
+    unimportable = tmp_path / "no_lightning" / "lightning"
+    unimportable.mkdir(parents=True)
+    (unimportable / "__init__.py").write_text("raise ImportError('lightning imported before the config was checked')\n")
     result = subprocess.run(_train_cmd(tmp_path / "run", cache_dir, "trainer.max_steps=abc"), capture_output=True,
-                            text=True, cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(unimportable.parent), str(ROOT)])})
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "error: invalid config: trainer.max_steps='abc' must be a positive integer" in result.stderr

@@ -227,8 +227,8 @@ def test_guard_stops_after_the_streak_and_a_step_resets_it():
     assert "renders are non-finite" in guard.diagnose(opt, None, {id(w): "w"})
 
 
-def test_executor_and_guard_import_without_lightning():
-    code = ("import sys, amortized3d.update_order, amortized3d.divergence; "
+def test_executor_and_guards_import_without_lightning():
+    code = ("import sys, amortized3d.update_order, amortized3d.divergence, amortized3d.run_guard; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
