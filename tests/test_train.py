@@ -141,7 +141,9 @@ def test_package_imports_without_cuda_or_tinycudann():
             "    importlib.import_module(m.name)\n"
             "import torch; assert not torch.cuda.is_available()\n"
             "from amortized3d.generators.encodings import HashGridEncoding\n"
-            "assert HashGridEncoding(n_levels=2, log2_hashmap_size=10).implementation == 'torch'\n")
+            "assert HashGridEncoding(n_levels=2, log2_hashmap_size=10).implementation == 'torch'\n"
+            "assert HashGridEncoding(n_levels=2, log2_hashmap_size=8, implementation='auto').implementation == 'torch'\n"
+            "assert sys.modules['tinycudann'] is None\n")  # auto detection tried no other import
     env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=300)
