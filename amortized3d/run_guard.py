@@ -16,8 +16,7 @@ a different experiment, and stop cleanly on preemption.
   SIGINT saved ``last.ckpt`` ("interrupted at step N; resume with ckpt_path=...").
 
 Lightning-free (omegaconf and the standard library; torch only inside the checkpoint and world checks), so
-``scripts/train.py`` reports a mistyped config value before Lightning is imported (7 s of the 12 s the
-library took to import on the AVX2 EPYC before it did).
+``scripts/train.py`` reports a mistyped config value before importing Lightning (~7 s on the AVX2 EPYC).
 
 Every user-facing failure is a :class:`RunError`: ``scripts/train.py`` prints its message as
 one ``error: ...`` line (no traceback) and exits with ``exit_code``.

@@ -73,8 +73,9 @@ def compose(output_dir: Path, cache_dir: Path, *overrides: str, tiny: bool = Tru
     rest = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key.startswith("paths.") and key[len("paths."):] in _RUN_PATHS:
-            paths[key[len("paths."):]] = value
+        name = key.removeprefix("paths.")
+        if name != key and name in _RUN_PATHS:
+            paths[name] = value
         else:
             rest.append(override)
     key = (tiny, tuple(rest))

@@ -52,8 +52,7 @@ def particle_landing(renders: Tensor, references: Tensor | ReferenceRows, refere
                      valid: Sequence[int], min_agreement: float = MIN_AGREEMENT) -> Landing:
     """``renders`` [V,3,H,W] of one particle; ``references`` [M,3,H,W] of all objects (or their ReferenceRows,
     built once for many particles), ids [M]."""
-    rows = references if isinstance(references, ReferenceRows) else ReferenceRows(references)
-    mse = rows.mse(renders.flatten(1))  # [V, M]
+    mse = ReferenceRows.of(references).mse(renders.flatten(1))  # [V, M]
     objects = torch.unique(reference_objects)
     nearest = torch.stack([mse[:, reference_objects == o].min(dim=1).values for o in objects], dim=1)  # [V, O]
     distance = nearest.mean(0)  # D(o)

@@ -31,6 +31,11 @@ class ReferenceRows:
         self.rows = references.flatten(1).double()
         self.squared_norms = (self.rows * self.rows).sum(1)
 
+    @classmethod
+    def of(cls, references: Tensor | ReferenceRows) -> ReferenceRows:
+        """``references`` as ReferenceRows: built here from images, or passed through when already built."""
+        return references if isinstance(references, ReferenceRows) else cls(references)
+
     def mse(self, a: Tensor) -> Tensor:
         """Mean squared error between every row of ``a`` [n, D] and every reference -> [n, M] (float64)."""
         a = a.double()
@@ -50,8 +55,7 @@ def oracle_views(generated: Tensor, references: Tensor | ReferenceRows, referenc
 
     ``own_object``: the prompt's object, or the set of its valid objects (open world): then R@1 = the
     nearest reference is of any of them and PSNR is to the nearest reference of any of them."""
-    rows = references if isinstance(references, ReferenceRows) else ReferenceRows(references)
-    return oracle_from_mse(rows.mse(generated.flatten(1)), reference_objects, own_object)
+    return oracle_from_mse(ReferenceRows.of(references).mse(generated.flatten(1)), reference_objects, own_object)
 
 
 def oracle_from_mse(mse: Tensor, reference_objects: Tensor, own_object: int | Sequence[int]) -> OracleResult:
